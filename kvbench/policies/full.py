@@ -1,0 +1,15 @@
+"""The full cache: nothing is evicted. The reference every policy is compared with."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from kvbench.policies.base import Policy
+
+
+@dataclass
+class FullCache(Policy):
+    """Keep every key and value. Phase: none. Budget: ignored (1.0)."""
+
+    phase = "prefill"
+    needs_budget = False

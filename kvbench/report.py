@@ -1,0 +1,54 @@
+"""The one-screen summary printed at the end of every run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+COLUMNS = (
+    ("task", "task", "{}"),
+    ("policy", "policy", "{}"),
+    ("budget", "budget", "{}"),
+    ("n", "n_examples", "{}"),
+    ("score", "score", "{:.2f}"),
+    ("kept", "kv_kept_fraction", "{:.3f}"),
+    ("KV MiB", "kv_bytes", "{:.1f}"),
+    ("prefill tok/s", "prefill_tokens_per_s", "{:.0f}"),
+    ("decode tok/s", "decode_tokens_per_s", "{:.1f}"),
+)
+
+
+def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
+    value = row.get(key)
+    if value is None:
+        return "-"
+    if key == "kv_bytes":
+        value = value / 2**20
+    if key == "budget" and value is None:
+        value = row.get("budget_tokens")
+    return fmt.format(value)
+
+
+def print_rows(rows: list[dict[str, Any]]) -> None:
+    """Print rows as an aligned table (markdown-compatible)."""
+    if not rows:
+        print("no rows")
+        return
+    header = [name for name, _, _ in COLUMNS]
+    body = [[_cell(row, key, fmt) for _, key, fmt in COLUMNS] for row in rows]
+    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
+    for line in [header, ["-" * w for w in widths], *body]:
+        print("| " + " | ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)) + " |")
+
+
+def main(argv: list[str]) -> None:
+    """``python -m kvbench.report RESULTS_DIR``: print every row of a results dir."""
+    from kvbench.store import ResultStore
+
+    for results_dir in argv:
+        print_rows(ResultStore(results_dir).rows())
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])

@@ -1,0 +1,310 @@
+"""One run: a model x policy x budget x task(s) configuration, evaluated example by example.
+
+Everything the user can get wrong is checked before anything is written. Each task gets one row in
+``results.jsonl``, keyed by a hash of the configuration; predictions are flushed one example at a time, so a
+rerun of the same configuration skips finished rows and resumes a half-done task where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import resource
+import subprocess
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+import kvbench
+from kvbench import models
+from kvbench.attention import Engine
+from kvbench.batching import PROTOCOLS, collate, encode
+from kvbench.errors import UserError
+from kvbench.generate import Batch, generate
+from kvbench.policies.base import Budget, Policy
+from kvbench.policies.full import FullCache
+from kvbench.store import ResultStore
+from kvbench.tasks.base import Example, Task
+
+# Keys that do not change what a run computes; they stay out of the configuration hash.
+UNHASHED = ("results_dir", "data_dir", "logger", "sweep_id", "batch_size", "diagnostics", "progress")
+
+
+@dataclass
+class Plan:
+    """A validated run: what to build, before any model is loaded or file written."""
+
+    cfg: DictConfig
+    spec: models.ModelSpec
+    policy: Policy
+    budget: Budget
+    tasks: list[Task]
+    data_dir: Path
+    store: ResultStore
+
+
+def plan(cfg: DictConfig) -> Plan:
+    """Validate the configuration (raises a one-line ``UserError``) and instantiate policy and tasks."""
+    budget = Budget.from_config(cfg.budget, cfg.get("budget_tokens"))
+    policy = instantiate(cfg.policy) if cfg.get("policy") is not None else FullCache()
+    if policy.needs_budget and budget.kind == "none":
+        raise UserError(f"policy '{policy.name}' needs a budget: add budget=<fraction in (0, 1]> or budget_tokens=<n>")
+    if isinstance(policy, FullCache) and budget.kind != "none" and budget.value != 1.0:
+        raise UserError("the full cache keeps everything: use budget=1.0 (or none) with it, or pick a policy")
+    if cfg.protocol not in PROTOCOLS:
+        raise UserError(f"unknown protocol '{cfg.protocol}'; valid: {', '.join(PROTOCOLS)}")
+    if cfg.prefill_eviction not in ("whole", "chunked"):
+        raise UserError(f"prefill_eviction must be 'whole' or 'chunked', not '{cfg.prefill_eviction}'")
+    if cfg.limit is not None and int(cfg.limit) < 1:
+        raise UserError(f"limit must be a positive number of examples or null, got {cfg.limit}")
+    spec = models.ModelSpec(**OmegaConf.to_container(cfg.model, resolve=True))
+    models.check_available(spec)
+    data_dir = Path(cfg.data_dir).expanduser()
+    tasks = instantiate(cfg.task).subtasks()
+    for task in tasks:
+        task.check_data(data_dir)
+    return Plan(cfg, spec, policy, budget, tasks, data_dir, ResultStore(cfg.results_dir))
+
+
+def config_hash(cfg: DictConfig, task: Task) -> str:
+    """Stable hash of what determines a row's numbers (model, policy, budget, task, protocol, ...)."""
+    content = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in UNHASHED}
+    content["task"] = {"name": task.name, **{k: v for k, v in vars(task).items() if not k.startswith("_")}}
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("device=cuda but no CUDA device is available; valid: auto, cpu, cuda")
+    if name not in ("cpu", "cuda"):
+        raise UserError(f"unknown device '{name}'; valid: auto, cpu, cuda")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    choices = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in choices:
+        raise UserError(f"unknown dtype '{name}'; valid: auto, {', '.join(choices)}")
+    return choices[name]
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "kvbench": kvbench.__version__,
+    }
+
+
+def git_commit() -> str:
+    """HEAD of the kvbench checkout, with ``-dirty`` when tracked files have uncommitted changes."""
+    root = Path(kvbench.__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "-uno"], cwd=root, capture_output=True, text=True)
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def peak_memory_bytes(device: torch.device) -> tuple[int, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_max_rss"
+
+
+class Runner:
+    """Holds the loaded model so several tasks (and, in a sweep job, several configurations) share it."""
+
+    def __init__(self, run: Plan) -> None:
+        self.plan = run
+        cfg = run.cfg
+        self.device = resolve_device(cfg.device)
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
+        torch.manual_seed(cfg.seed)
+        self.model, self.tokenizer = models.load(run.spec, self.device, self.dtype)
+        config = self.model.config
+        self.n_layers = config.num_hidden_layers
+        self.group_size = config.num_attention_heads // config.num_key_value_heads
+        self.stop_ids = _eos_ids(self.model, self.tokenizer)
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        """One tiny generation so one-time costs (allocations, kernel selection) stay out of the timings."""
+        ids = self.tokenizer.encode("Warm up.", add_special_tokens=False)
+        batch = collate([[ids, []]], self.tokenizer.pad_token_id, self.device)
+        generate(self.model, self.engine(FullCache(), Budget()), batch, 2, set(), chunk_size=self.plan.cfg.chunk_size)
+
+    def engine(self, policy: Policy, budget: Budget) -> Engine:
+        return Engine(policy, budget, self.n_layers, self.group_size, diagnostics=bool(self.plan.cfg.diagnostics))
+
+    def run_task(self, task: Task) -> dict[str, Any] | None:
+        """Evaluate one task, resuming from predictions on disk; returns its row (None if already done)."""
+        cfg, store = self.plan.cfg, self.plan.store
+        key = config_hash(cfg, task)
+        if store.has_row(key):
+            print(f"[kvbench] {task.name}: row {key} already in {store.rows_path}, skipped")
+            return None
+        examples = list(task.examples(self.plan.data_dir, self.tokenizer))
+        if cfg.limit is not None:
+            examples = examples[: int(cfg.limit)]
+        done = store.predictions(key)
+        todo = [example for example in examples if example.id not in done]
+        if done:
+            print(f"[kvbench] {task.name}: resuming, {len(done)} of {len(examples)} examples already on disk")
+        started = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        for start in range(0, len(todo), int(cfg.batch_size)):
+            for record in self._run_batch(task, todo[start : start + int(cfg.batch_size)]):
+                store.add_prediction(key, record)
+        records = [store.predictions(key)[example.id] for example in examples]
+        row = self._row(task, key, records, time.perf_counter() - started)
+        store.add_row(row)
+        return row
+
+    def _run_batch(self, task: Task, examples: list[Example]) -> list[dict[str, Any]]:
+        cfg, spec = self.plan.cfg, self.plan.spec
+        chat = task.chat and spec.chat_template
+        encoded = [encode(ex, self.tokenizer, chat, spec.max_prompt_tokens, cfg.protocol) for ex in examples]
+        batch: Batch = collate(encoded, self.tokenizer.pad_token_id, self.device)
+        engine = self.engine(self.plan.policy, self.plan.budget)
+
+        def stopped(row: int, tokens: list[int]) -> bool:
+            return bool(task.stop) and any(s in self.tokenizer.decode(tokens) for s in task.stop)
+
+        out = generate(
+            self.model,
+            engine,
+            batch,
+            task.max_new_tokens,
+            self.stop_ids,
+            chunk_size=int(cfg.chunk_size),
+            evict_per_chunk=cfg.prefill_eviction == "chunked",
+            stopped=stopped,
+        )
+        kept = engine.kept_fraction()
+        per_layer = engine.final_kept_per_head()  # [L, B, Hkv]
+        mass = engine.attention_mass()
+        prompt_tokens = batch.attention_mask.sum(-1).tolist()
+        records = []
+        for row, example in enumerate(examples):
+            raw = self.tokenizer.decode(out.tokens[row], skip_special_tokens=True)
+            prediction = task.postprocess(raw)
+            share = prompt_tokens[row] / sum(prompt_tokens)
+            records.append(
+                {
+                    "id": example.id,
+                    "prediction": prediction,
+                    "answers": example.answers,
+                    "score": task.score(prediction, example),
+                    "meta": example.meta,
+                    "n_prompt_tokens": prompt_tokens[row],
+                    "n_new_tokens": len(out.tokens[row]),
+                    "kv_kept_fraction": float(kept[row]),
+                    "kv_kept_per_head": per_layer[:, row].tolist(),
+                    "attention_mass_retained": None if mass is None else float(mass[row]),
+                    "kv_bytes": engine.peak_nbytes,
+                    "kv_bytes_full": engine.full_nbytes(),
+                    "prefill_s": out.prefill_s * share,
+                    "decode_s": out.decode_s * share,
+                    "ttft_s": out.prefill_s,
+                    "batch_size": len(examples),
+                }
+            )
+        return records
+
+    def _row(self, task: Task, key: str, records: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
+        cfg, run = self.plan.cfg, self.plan
+        scores = [record["score"] for record in records]
+        prefill_s = sum(r["prefill_s"] for r in records)
+        decode_s = sum(r["decode_s"] for r in records)
+        masses = [r["attention_mass_retained"] for r in records if r["attention_mass_retained"] is not None]
+        peak, peak_kind = peak_memory_bytes(self.device)
+        n_layers = len(records[0]["kv_kept_per_head"]) if records else 0
+        per_layer = [
+            sum(sum(r["kv_kept_per_head"][layer]) / len(r["kv_kept_per_head"][layer]) for r in records) / len(records)
+            for layer in range(n_layers)
+        ]
+        return {
+            "config_hash": key,
+            "model": run.spec.name,
+            "policy": run.policy.name,
+            "policy_params": run.policy.params(),
+            "kv_masked": run.policy.kv_masked,
+            "budget": run.budget.value if run.budget.kind == "fraction" else None,
+            "budget_tokens": run.budget.value if run.budget.kind == "tokens" else None,
+            "task": task.name,
+            "task_family": task.family,
+            "task_version": task.version,
+            "protocol": cfg.protocol,
+            "n_examples": len(records),
+            "score": task.aggregate(scores),
+            "kv_kept_fraction": _mean([r["kv_kept_fraction"] for r in records]),
+            "kv_kept_per_layer": per_layer,
+            "attention_mass_retained": _mean(masses) if masses else None,
+            "kv_bytes": max(r["kv_bytes"] for r in records),
+            "kv_bytes_full": max(r["kv_bytes_full"] for r in records),
+            "peak_memory_bytes": peak,
+            "peak_memory_kind": peak_kind,
+            "prefill_tokens_per_s": sum(r["n_prompt_tokens"] for r in records) / prefill_s if prefill_s else None,
+            "decode_tokens_per_s": sum(r["n_new_tokens"] for r in records) / decode_s if decode_s else None,
+            "ttft_s": _mean([r["ttft_s"] for r in records]),
+            "wall_s": wall_s,
+            "device": self.device.type,
+            "dtype": str(self.dtype).removeprefix("torch."),
+            "batch_size": int(cfg.batch_size),
+            "limit": cfg.limit,
+            "seed": int(cfg.seed),
+            "prefill_eviction": cfg.prefill_eviction,
+            "chunk_size": int(cfg.chunk_size),
+            "max_prompt_tokens": run.spec.max_prompt_tokens,
+            "sweep_id": cfg.get("sweep_id"),
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            "git_commit": git_commit(),
+            "versions": versions(),
+            "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> set[int]:
+    """The ids ``model.generate`` stops at: the generation config's EOS ids and the tokenizer's EOS."""
+    ids = model.generation_config.eos_token_id
+    ids = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def run(cfg: DictConfig) -> list[dict[str, Any]]:
+    """Validate, load once, evaluate every task of the configuration; returns the rows written."""
+    validated = plan(cfg)
+    pending = [task for task in validated.tasks if not validated.store.has_row(config_hash(cfg, task))]
+    rows = [
+        row
+        for row in validated.store.rows()
+        if row["config_hash"] in {config_hash(cfg, task) for task in validated.tasks}
+    ]
+    if pending:
+        runner = Runner(validated)
+        rows += [row for row in (runner.run_task(task) for task in pending) if row is not None]
+    return rows

@@ -1,0 +1,95 @@
+"""Append-only results store: ``results.jsonl`` (one row per run x task) and per-example predictions.
+
+Every write is one whole line, under an exclusive lock (several Slurm jobs may share a results dir), after
+cutting any partial last line left by a killed writer. Readers skip a partial last line. A row is keyed by its
+``config_hash``; a predictions file by the same hash, keyed by example id, so a rerun resumes and never
+duplicates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def append_line(path: Path, record: dict[str, Any], unless_key: str | None = None) -> bool:
+    """Append one JSON line atomically (whole line or nothing) and fsync it.
+
+    With ``unless_key``, nothing is written when a line with the same value for that key exists; the check
+    and the write happen under one lock. Returns whether the line was written.
+    """
+    line = (json.dumps(record, ensure_ascii=False, default=str) + "\n").encode()
+    with _locked(path):
+        if unless_key and any(old.get(unless_key) == record[unless_key] for old in read_lines(path)):
+            return False
+        with open(path, "ab+") as handle:
+            handle.seek(0)
+            data = handle.read()
+            if data and not data.endswith(b"\n"):
+                handle.truncate(data.rfind(b"\n") + 1)  # a line a killed writer left half-written
+            handle.write(line)
+            handle.flush()
+            os.fsync(handle.fileno())
+    return True
+
+
+def read_lines(path: Path) -> list[dict[str, Any]]:
+    """All complete JSON lines of a file (none if it does not exist)."""
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_bytes().split(b"\n"):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+class ResultStore:
+    """``<results_dir>/results.jsonl`` plus ``<results_dir>/predictions/<config_hash>.jsonl``."""
+
+    def __init__(self, results_dir: str | Path) -> None:
+        self.root = Path(results_dir)
+        self.rows_path = self.root / "results.jsonl"
+
+    def rows(self) -> list[dict[str, Any]]:
+        return read_lines(self.rows_path)
+
+    def has_row(self, config_hash: str) -> bool:
+        return any(row.get("config_hash") == config_hash for row in self.rows())
+
+    def add_row(self, row: dict[str, Any]) -> bool:
+        """Append ``row`` unless a row with its config hash is already there; returns whether it was added."""
+        return append_line(self.rows_path, row, unless_key="config_hash")
+
+    def predictions_path(self, config_hash: str) -> Path:
+        return self.root / "predictions" / f"{config_hash}.jsonl"
+
+    def predictions(self, config_hash: str) -> dict[str, dict[str, Any]]:
+        """Predictions already on disk, by example id (the first record of an id wins)."""
+        done: dict[str, dict[str, Any]] = {}
+        for record in read_lines(self.predictions_path(config_hash)):
+            done.setdefault(record["id"], record)
+        return done
+
+    def add_prediction(self, config_hash: str, record: dict[str, Any]) -> None:
+        append_line(self.predictions_path(config_hash), record)

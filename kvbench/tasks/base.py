@@ -1,0 +1,70 @@
+"""The task interface: a task turns data into ``Example``s and scores one prediction.
+
+A task is a dataclass instantiated from ``configs/task/<name>.yaml`` (``_target_`` + choices). The runner
+builds the model input from an example: the user message ``prompt`` (middle-truncated to the model's max prompt
+length, then wrapped in the chat template when ``chat`` is true), followed by ``answer_prefix`` as the start of
+the reply. Under the ``query_agnostic`` protocol the trailing ``question`` (a suffix of ``prompt``) and
+everything after it are appended after compression; under ``official`` the policy sees the whole prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kvbench.errors import UserError
+
+
+@dataclass
+class Example:
+    """One prompt and its references."""
+
+    id: str
+    prompt: str  # the user message: context and question together
+    answers: list[str]
+    question: str = ""  # suffix of ``prompt`` held out of compression under query_agnostic
+    answer_prefix: str = ""  # start of the assistant's reply, e.g. "The secret passkey is"
+    meta: dict[str, Any] = field(default_factory=dict)  # length, depth, all_classes, language, ...
+
+
+@dataclass
+class Task:
+    """Base class. Subclasses set the fields' defaults in their YAML and implement ``examples``/``score``."""
+
+    name: str = "task"
+    max_new_tokens: int = 32
+    chat: bool = True  # apply the model's chat template
+    stop: list[str] = field(default_factory=list)  # stop strings (besides the model's EOS)
+    needs_data: bool = False  # whether ``examples`` reads from the data dir
+    version: str = "1"
+    family: str = ""
+
+    def subtasks(self) -> list[Task]:
+        """The tasks a config stands for: itself, or each member of a suite (one results row each)."""
+        return [self]
+
+    def examples(self, data_dir: Path, tokenizer: Any) -> Iterator[Example]:
+        """Yield the task's examples in a fixed order (seeded where random)."""
+        raise NotImplementedError
+
+    def score(self, prediction: str, example: Example) -> float:
+        """Score of one prediction in [0, 1]."""
+        raise NotImplementedError
+
+    def aggregate(self, scores: list[float]) -> float:
+        """Task score from per-example scores: 100 x mean, as LongBench and RULER report."""
+        return 100.0 * sum(scores) / len(scores) if scores else float("nan")
+
+    def check_data(self, data_dir: Path) -> None:
+        """Raise a one-line UserError when the data this task needs is missing."""
+        if self.needs_data and not Path(data_dir).is_dir():
+            raise UserError(f"task '{self.name}' needs data_dir, and {data_dir} does not exist (set data_dir=<path>)")
+
+    def postprocess(self, prediction: str) -> str:
+        """Cut the raw decoded text at the first stop string."""
+        for stop in self.stop:
+            if stop in prediction:
+                prediction = prediction[: prediction.index(stop)]
+        return prediction

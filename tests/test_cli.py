@@ -1,0 +1,88 @@
+"""``python -m kvbench`` end to end: rows, bad input (one line, nothing written), kill-and-rerun resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from kvbench.store import ResultStore
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def kvbench(*args: str, data_dir: Path, **kwargs) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "kvbench", f"data_dir={data_dir}", *args]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, **kwargs)
+
+
+BAD_INPUTS = [
+    (["+policy=nope"], "unknown policy 'nope'; valid: "),
+    (["model=gpt5"], "unknown model 'gpt5'; valid: "),
+    (["task=nope"], "unknown task 'nope'; valid: "),
+    (["+policy=full", "budget=0"], "budget must be a fraction in (0, 1], got 0"),
+    (["+policy=full", "budget=1.5"], "budget must be a fraction in (0, 1], got 1.5"),
+    (["task=needle", "data_dir=/nonexistent/data"], "task 'needle' needs the essays in /nonexistent/data"),
+    (["model=llama2_7b_chat", "model.path=/nonexistent/llama"], "directory /nonexistent/llama does not exist"),
+    (["model.gguf_package=not_installed_pkg"], "needs the package 'not_installed_pkg'"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_bad_input_one_line_and_nothing_written(args, message, tmp_path, data_dir):
+    results = tmp_path / "results"
+    done = kvbench(f"results_dir={results}", *args, data_dir=data_dir)
+    assert done.returncode == 2
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("kvbench: error: ") and message in lines[0]
+    assert "Traceback" not in done.stderr + done.stdout
+    assert not (results / "results.jsonl").exists()
+    assert not (results / "predictions").exists()
+
+
+def test_unknown_policy_lists_valid_names(tmp_path, data_dir):
+    done = kvbench(f"results_dir={tmp_path}", "+policy=nope", data_dir=data_dir)
+    assert "full" in done.stderr
+
+
+def test_full_policy_writes_a_complete_row(tmp_path, data_dir):
+    done = kvbench("+policy=full", "budget=1.0", "limit=2", f"results_dir={tmp_path}", data_dir=data_dir)
+    assert done.returncode == 0, done.stderr
+    (row,) = ResultStore(tmp_path).rows()
+    for key in (
+        "model", "policy", "policy_params", "budget", "task", "protocol", "n_examples", "score",
+        "kv_kept_fraction", "kv_bytes", "peak_memory_bytes", "prefill_tokens_per_s", "decode_tokens_per_s",
+        "ttft_s", "wall_s", "git_commit", "versions", "timestamp", "config_hash",
+    ):  # fmt: skip
+        assert row[key] is not None, key
+    assert row["n_examples"] == 2 and row["policy"] == "full" and row["kv_kept_fraction"] == 1.0
+    assert set(row["versions"]) == {"python", "torch", "transformers", "kvbench"}
+    assert "| passkey" in done.stdout
+
+
+def test_killed_run_resumes_without_duplicates(tmp_path, data_dir):
+    args = ["model=tiny_random_llama", "limit=3", f"results_dir={tmp_path}", "task.max_new_tokens=64"]
+    cmd = [sys.executable, "-m", "kvbench", f"data_dir={data_dir}", *args]
+    process = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    predictions = tmp_path / "predictions"
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(p.stat().st_size for p in predictions.glob("*.jsonl")):
+        time.sleep(0.2)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    (first,) = predictions.glob("*.jsonl")
+    done_before = len(first.read_text().splitlines())
+    assert 1 <= done_before < 3 and not (tmp_path / "results.jsonl").exists()
+    assert kvbench(*args, data_dir=data_dir).returncode == 0
+    assert kvbench(*args, data_dir=data_dir).returncode == 0
+    rows = ResultStore(tmp_path).rows()
+    assert len(rows) == 1 and rows[0]["n_examples"] == 3
+    ids = [json.loads(line)["id"] for line in first.read_text().splitlines()]
+    assert len(ids) == len(set(ids)) == 3

@@ -1,0 +1,77 @@
+"""The engine with the full cache is plain greedy decoding: tokens equal ``model.generate``'s."""
+
+from __future__ import annotations
+
+import torch
+
+from kvbench.attention import Engine
+from kvbench.batching import collate
+from kvbench.generate import generate
+from kvbench.policies.base import Budget
+from kvbench.policies.full import FullCache
+
+
+def _prompts(data_dir, tokenizer, sizes):
+    essay = (data_dir / "haystack" / "PaulGrahamEssays" / "addiction.txt").read_text()
+    texts = [essay[start : start + size] + "\n\nSummarize the text above." for start, size in sizes]
+    return [
+        tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
+        for t in texts
+    ]
+
+
+def _engine(model, policy=None, budget=None):
+    config = model.config
+    group = config.num_attention_heads // config.num_key_value_heads
+    return Engine(policy or FullCache(), budget or Budget(), config.num_hidden_layers, group)
+
+
+def _reference(model, tokenizer, texts, max_new_tokens):
+    encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    out = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=False)
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    tokens = []
+    for row in out[:, encoded.input_ids.shape[1] :].tolist():
+        stop = next((i for i, token in enumerate(row) if token in eos), len(row))
+        tokens.append(row[:stop])
+    return tokens, eos
+
+
+def _ours(model, tokenizer, texts, max_new_tokens, eos, chunk_size, engine=None):
+    ids = [[tokenizer.encode(text, add_special_tokens=False), []] for text in texts]
+    batch = collate(ids, tokenizer.pad_token_id, "cpu")
+    engine = engine or _engine(model)
+    return generate(model, engine, batch, max_new_tokens, eos, chunk_size=chunk_size).tokens
+
+
+def test_full_cache_equals_generate_on_smollm2_batch(smollm2, data_dir):
+    model, tokenizer = smollm2
+    texts = _prompts(data_dir, tokenizer, [(0, 4400), (3000, 2200)])  # ~1k and ~0.5k tokens
+    lengths = [len(tokenizer.encode(t, add_special_tokens=False)) for t in texts]
+    assert lengths[0] > 900 and lengths[0] != lengths[1]
+    model.set_attn_implementation("sdpa")
+    reference, eos = _reference(model, tokenizer, texts, 24)
+    ours = _ours(model, tokenizer, texts, 24, eos, chunk_size=512)
+    assert ours == reference
+    assert all(len(tokens) > 5 for tokens in ours)
+
+
+def test_full_cache_equals_generate_on_tiny_gqa(tiny, data_dir):
+    model, tokenizer = tiny
+    model.set_attn_implementation("sdpa")
+    texts = _prompts(data_dir, tokenizer, [(0, 1500), (500, 700)])
+    reference, eos = _reference(model, tokenizer, texts, 16)
+    assert _ours(model, tokenizer, texts, 16, eos, chunk_size=128) == reference
+
+
+def test_cache_holds_every_token_and_no_hooks_remain(tiny, data_dir):
+    model, tokenizer = tiny
+    texts = _prompts(data_dir, tokenizer, [(0, 800)])
+    engine = _engine(model)
+    _ours(model, tokenizer, texts, 4, set(), chunk_size=64, engine=engine)
+    seen = int(engine.seen()[0])
+    assert all(int(layer.held().min()) == seen for layer in engine.cache.layers)
+    assert model.config._attn_implementation != "kvbench"
+    assert not any(hasattr(module, "kvbench_engine") for module in model.modules())
+    assert torch.isclose(engine.kept_fraction(), torch.ones(1, dtype=torch.float64)).all()
