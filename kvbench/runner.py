@@ -128,8 +128,21 @@ def peak_memory_bytes(device: torch.device) -> tuple[int, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_max_rss"
 
 
+_LOADED: dict[str, tuple[torch.nn.Module, Any]] = {}
+
+
+def loaded_model(spec: models.ModelSpec, device: torch.device, dtype: torch.dtype) -> tuple[torch.nn.Module, Any]:
+    """The model of ``spec``, loaded once per process: the points of a sweep that share a model (a local
+    multirun, or several points packed into one Slurm job) swap policies without reloading weights."""
+    key = json.dumps([vars(spec), str(device), str(dtype)], sort_keys=True, default=str)
+    if key not in _LOADED:
+        _LOADED.clear()
+        _LOADED[key] = models.load(spec, device, dtype)
+    return _LOADED[key]
+
+
 class Runner:
-    """Holds the loaded model so several tasks (and, in a sweep job, several configurations) share it."""
+    """Evaluates the tasks of one validated configuration with a (shared) loaded model."""
 
     def __init__(self, run: Plan) -> None:
         self.plan = run
@@ -137,7 +150,7 @@ class Runner:
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         torch.manual_seed(cfg.seed)
-        self.model, self.tokenizer = models.load(run.spec, self.device, self.dtype)
+        self.model, self.tokenizer = loaded_model(run.spec, self.device, self.dtype)
         config = self.model.config
         self.n_layers = config.num_hidden_layers
         self.group_size = config.num_attention_heads // config.num_key_value_heads
