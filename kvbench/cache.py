@@ -23,7 +23,7 @@ class LayerCache:
     keys: torch.Tensor | None = None  # [B, Hkv, T, D]
     values: torch.Tensor | None = None  # [B, Hkv, T, D]
     positions: torch.Tensor | None = None  # [B, Hkv, T] int32, EMPTY for unused slots
-    stats: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [B, Hkv, T]
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [B, Hkv, T, ...]
 
     @property
     def length(self) -> int:
@@ -48,12 +48,13 @@ class LayerCache:
         self.values = torch.cat([self.values, values], dim=2)
         self.positions = torch.cat([self.positions, new_positions], dim=2)
         for name, stat in self.stats.items():
-            self.stats[name] = torch.cat([stat, stat.new_zeros(batch, heads, q_len)], dim=2)
+            self.stats[name] = torch.cat([stat, stat.new_zeros(batch, heads, q_len, *stat.shape[3:])], dim=2)
 
-    def stat(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """A per-slot statistic, created as zeros on first use."""
+    def stat(self, name: str, dtype: torch.dtype = torch.float32, trailing: tuple[int, ...] = ()) -> torch.Tensor:
+        """A per-slot statistic [B, Hkv, T, *trailing], created as zeros on first use."""
         if name not in self.stats:
-            self.stats[name] = torch.zeros(self.positions.shape, dtype=dtype, device=self.positions.device)
+            shape = (*self.positions.shape, *trailing)
+            self.stats[name] = torch.zeros(shape, dtype=dtype, device=self.positions.device)
         return self.stats[name]
 
     def keep(self, keep: torch.Tensor) -> None:
@@ -62,13 +63,12 @@ class LayerCache:
         counts = keep.sum(-1)  # [B, Hkv]
         new_length = int(counts.max()) if counts.numel() else 0
         order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices[..., :new_length]
-        gather_kv = order[..., None].expand(-1, -1, -1, self.keys.shape[-1])
-        self.keys = self.keys.gather(2, gather_kv)
-        self.values = self.values.gather(2, gather_kv)
+        self.keys = _gather_slots(self.keys, order)
+        self.values = _gather_slots(self.values, order)
         positions = self.positions.gather(2, order)
         slot = torch.arange(new_length, device=order.device)
         self.positions = torch.where(slot < counts[..., None], positions, EMPTY)
-        self.stats = {name: stat.gather(2, order) for name, stat in self.stats.items()}
+        self.stats = {name: _gather_slots(stat, order) for name, stat in self.stats.items()}
 
     def kv_nbytes(self) -> int:
         """Bytes of the key and value tensors actually allocated."""
@@ -81,6 +81,12 @@ class LayerCache:
         if self.positions is None:
             return 0
         return self.positions.nbytes + sum(stat.nbytes for stat in self.stats.values())
+
+
+def _gather_slots(tensor: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """Gather slots (dim 2) of a [B, Hkv, T, ...] tensor by ``order`` [B, Hkv, T']."""
+    index = order.reshape(*order.shape, *([1] * (tensor.dim() - 3))).expand(*order.shape, *tensor.shape[3:])
+    return tensor.gather(2, index)
 
 
 @dataclass
