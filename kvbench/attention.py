@@ -95,6 +95,8 @@ class Engine:
         if self.diagnostics:
             self._track_mass(layer_idx, query, key, scale)
         policy = self.policy
+        if type(policy).attention_output is not Policy.attention_output:
+            out = policy.attention_output(layer, query, out, scale, self.context(layer_idx))
         wants_rows = policy.decode_rows if step.phase == "decode" else policy.query_rows != 0
         if wants_rows:
             ctx = self.context(layer_idx)

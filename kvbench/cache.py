@@ -24,6 +24,7 @@ class LayerCache:
     values: torch.Tensor | None = None  # [B, Hkv, T, D]
     positions: torch.Tensor | None = None  # [B, Hkv, T] int32, EMPTY for unused slots
     stats: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> [B, Hkv, T, ...]
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # policy state not tied to slots (LESS's H, z)
 
     @property
     def length(self) -> int:
@@ -77,10 +78,9 @@ class LayerCache:
         return self.keys.nbytes + self.values.nbytes
 
     def side_nbytes(self) -> int:
-        """Bytes of bookkeeping held beside the KV: positions and per-slot policy statistics."""
-        if self.positions is None:
-            return 0
-        return self.positions.nbytes + sum(stat.nbytes for stat in self.stats.values())
+        """Bytes held beside the KV: positions, per-slot statistics and other policy state of this layer."""
+        held = sum(tensor.nbytes for tensor in [*self.stats.values(), *self.extra.values()])
+        return held + (0 if self.positions is None else self.positions.nbytes)
 
 
 def _gather_slots(tensor: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
@@ -91,19 +91,17 @@ def _gather_slots(tensor: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class KVCache:
-    """All layers' caches plus policy side state that is not per slot (e.g. LESS's low-rank state)."""
+    """All layers' caches."""
 
     layers: list[LayerCache]
-    extra: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def empty(cls, n_layers: int) -> KVCache:
         return cls([LayerCache() for _ in range(n_layers)])
 
     def nbytes(self) -> int:
-        """Everything held: keys, values, positions, statistics and extra state."""
-        held = sum(layer.kv_nbytes() + layer.side_nbytes() for layer in self.layers)
-        return held + sum(tensor.nbytes for tensor in self.extra.values())
+        """Everything held: keys, values, positions, statistics and other policy state."""
+        return sum(layer.kv_nbytes() + layer.side_nbytes() for layer in self.layers)
 
     def held(self) -> torch.Tensor:
         """Entries held per (layer, example, KV head): [L, B, Hkv]."""

@@ -95,6 +95,15 @@ class Policy:
         """Return a keep mask [B, Hkv, T], or None to keep everything."""
         return None
 
+    def attention_output(
+        self, layer: LayerCache, query: torch.Tensor, output: torch.Tensor, scale: float, ctx: Context
+    ) -> torch.Tensor:
+        """Adjust the attention output [B, H, q, D] computed over the held slots (default: unchanged).
+
+        Called after SDPA, before eviction; a policy with state for evicted tokens (LESS) adds it here.
+        """
+        return output
+
     def evict(self, layer: LayerCache, ctx: Context) -> None:
         keep = self.select(layer, ctx)
         if keep is not None:
