@@ -47,7 +47,8 @@ class Engine:
     prompt_lengths: torch.Tensor | None = None  # [B]
     uncompressed: torch.Tensor | None = None  # [B] tokens appended outside compression (held-out question)
     token_ids: torch.Tensor | None = None  # [B, P] id at each position
-    peak_nbytes: int = 0
+    peak_nbytes: int = 0  # keys, values and side state (positions, statistics, policy state)
+    peak_kv_nbytes: int = 0  # keys and values only
     shadow_keys: list[LayerCache] = field(default_factory=list)
     mass_sum: torch.Tensor | None = None  # [L, B, Hkv] attention mass retained, summed over decode steps
     mass_steps: int = 0
@@ -107,6 +108,7 @@ class Engine:
         if step.evict and (step.phase == "prefill" or policy.phase != "prefill"):
             policy.evict(layer, self.context(layer_idx))
         self.peak_nbytes = max(self.peak_nbytes, self.cache.nbytes())
+        self.peak_kv_nbytes = max(self.peak_kv_nbytes, sum(layer.kv_nbytes() for layer in self.cache.layers))
         if layer_idx == self.n_layers - 1 and (step.phase == "decode" or step.evict):
             self._count_held()
         return out.transpose(1, 2).contiguous()

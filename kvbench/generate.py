@@ -9,12 +9,13 @@ compression without eviction: the held-out question of the query-agnostic protoc
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from kvbench.attention import Engine, Step, attach
 from kvbench.cache import EMPTY
+from kvbench.measure import read_peak, reset_peak
 from kvbench.policies.base import ALL_ROWS
 
 
@@ -38,7 +39,8 @@ class Generation:
     decode_s: float
     n_prefill_tokens: int
     n_decode_tokens: int
-    stats: dict = field(default_factory=dict)
+    prefill_peak_bytes: int
+    decode_peak_bytes: int
 
 
 def synchronize(device: torch.device) -> None:
@@ -111,6 +113,7 @@ def generate(
     engine.token_ids = _ids_by_position(batch, max_new_tokens)
     if batch.split < batch.input_ids.shape[1]:
         engine.uncompressed = batch.attention_mask[:, batch.split :].long().sum(-1)
+    reset_peak(device)
     synchronize(device)
     start = time.perf_counter()
     with attach(model, engine):
@@ -118,6 +121,8 @@ def generate(
         next_tokens = logits.argmax(-1)
         synchronize(device)
         prefill_s = time.perf_counter() - start
+        prefill_peak = read_peak(device)
+        reset_peak(device)
         start = time.perf_counter()
         outputs: list[list[int]] = [[] for _ in range(len(lengths))]
         done = torch.zeros(len(lengths), dtype=torch.bool, device=device)
@@ -140,12 +145,15 @@ def generate(
             next_tokens = decode_step(model, engine, next_tokens, positions).argmax(-1)
             n_decode += int((~done).sum())
         synchronize(device)
+        decode_s = time.perf_counter() - start
     return Generation(
         tokens=outputs,
         prefill_s=prefill_s,
-        decode_s=time.perf_counter() - start,
+        decode_s=decode_s,
         n_prefill_tokens=int(lengths.sum()),
         n_decode_tokens=n_decode,
+        prefill_peak_bytes=prefill_peak,
+        decode_peak_bytes=read_peak(device),
     )
 
 

@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import platform
-import resource
 import subprocess
 import time
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from typing import Any
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
 
 import kvbench
 from kvbench import models
@@ -29,6 +29,7 @@ from kvbench.attention import Engine
 from kvbench.batching import PROTOCOLS, collate, encode
 from kvbench.errors import UserError
 from kvbench.generate import Batch, generate
+from kvbench.measure import peak_kind
 from kvbench.policies.base import Budget, Policy
 from kvbench.policies.full import FullCache
 from kvbench.store import ResultStore
@@ -122,12 +123,6 @@ def git_commit() -> str:
     return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
-def peak_memory_bytes(device: torch.device) -> tuple[int, str]:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "cpu_max_rss"
-
-
 _LOADED: dict[str, tuple[torch.nn.Module, Any]] = {}
 
 
@@ -155,6 +150,7 @@ class Runner:
         self.n_layers = config.num_hidden_layers
         self.group_size = config.num_attention_heads // config.num_key_value_heads
         self.stop_ids = _eos_ids(self.model, self.tokenizer)
+        run.policy.bind(self.tokenizer)
         self._warm_up()
 
     def _warm_up(self) -> None:
@@ -181,11 +177,12 @@ class Runner:
         if done:
             print(f"[kvbench] {task.name}: resuming, {len(done)} of {len(examples)} examples already on disk")
         started = time.perf_counter()
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        for start in range(0, len(todo), int(cfg.batch_size)):
-            for record in self._run_batch(task, todo[start : start + int(cfg.batch_size)]):
-                store.add_prediction(key, record)
+        size = int(cfg.batch_size)
+        with tqdm(total=len(todo), desc=task.name, unit="ex", disable=not cfg.progress or not todo) as bar:
+            for start in range(0, len(todo), size):
+                for record in self._run_batch(task, todo[start : start + size]):
+                    store.add_prediction(key, record)
+                bar.update(len(todo[start : start + size]))
         records = [store.predictions(key)[example.id] for example in examples]
         row = self._row(task, key, records, time.perf_counter() - started)
         store.add_row(row)
@@ -199,7 +196,7 @@ class Runner:
         engine = self.engine(self.plan.policy, self.plan.budget)
 
         def stopped(row: int, tokens: list[int]) -> bool:
-            return bool(task.stop) and any(s in self.tokenizer.decode(tokens) for s in task.stop)
+            return bool(task.stop) and task.stopped(self.tokenizer.decode(tokens))
 
         out = generate(
             self.model,
@@ -214,6 +211,7 @@ class Runner:
         kept = engine.kept_fraction()
         per_layer = engine.final_kept_per_head()  # [L, B, Hkv]
         mass = engine.attention_mass()
+        policy_diagnostics = self.plan.policy.diagnostics(engine.cache)
         prompt_tokens = batch.attention_mask.sum(-1).tolist()
         records = []
         for row, example in enumerate(examples):
@@ -233,10 +231,14 @@ class Runner:
                     "kv_kept_per_head": per_layer[:, row].tolist(),
                     "attention_mass_retained": None if mass is None else float(mass[row]),
                     "kv_bytes": engine.peak_nbytes,
+                    "kv_payload_bytes": engine.peak_kv_nbytes,
                     "kv_bytes_full": engine.full_nbytes(),
                     "prefill_s": out.prefill_s * share,
                     "decode_s": out.decode_s * share,
                     "ttft_s": out.prefill_s,
+                    "prefill_peak_bytes": out.prefill_peak_bytes,
+                    "decode_peak_bytes": out.decode_peak_bytes,
+                    "policy_diagnostics": policy_diagnostics,
                     "batch_size": len(examples),
                 }
             )
@@ -248,7 +250,6 @@ class Runner:
         prefill_s = sum(r["prefill_s"] for r in records)
         decode_s = sum(r["decode_s"] for r in records)
         masses = [r["attention_mass_retained"] for r in records if r["attention_mass_retained"] is not None]
-        peak, peak_kind = peak_memory_bytes(self.device)
         n_layers = len(records[0]["kv_kept_per_head"]) if records else 0
         per_layer = [
             sum(sum(r["kv_kept_per_head"][layer]) / len(r["kv_kept_per_head"][layer]) for r in records) / len(records)
@@ -272,9 +273,12 @@ class Runner:
             "kv_kept_per_layer": per_layer,
             "attention_mass_retained": _mean(masses) if masses else None,
             "kv_bytes": max(r["kv_bytes"] for r in records),
+            "kv_payload_bytes": max(r["kv_payload_bytes"] for r in records),
             "kv_bytes_full": max(r["kv_bytes_full"] for r in records),
-            "peak_memory_bytes": peak,
-            "peak_memory_kind": peak_kind,
+            "peak_memory_bytes": max(max(r["prefill_peak_bytes"], r["decode_peak_bytes"]) for r in records),
+            "peak_memory_prefill_bytes": max(r["prefill_peak_bytes"] for r in records),
+            "peak_memory_decode_bytes": max(r["decode_peak_bytes"] for r in records),
+            "peak_memory_kind": peak_kind(self.device),
             "prefill_tokens_per_s": sum(r["n_prompt_tokens"] for r in records) / prefill_s if prefill_s else None,
             "decode_tokens_per_s": sum(r["n_new_tokens"] for r in records) / decode_s if decode_s else None,
             "ttft_s": _mean([r["ttft_s"] for r in records]),

@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from kvbench.cache import EMPTY, LayerCache
+from kvbench.cache import EMPTY, KVCache, LayerCache
 from kvbench.errors import UserError
 
 ALL_ROWS = -1
@@ -86,6 +86,13 @@ class Policy:
     decode_rows = False
     needs_budget = True
     kv_masked = False
+
+    def bind(self, tokenizer: Any) -> None:
+        """Receive the model's tokenizer before the run (policies that read token ids, e.g. FastGen)."""
+
+    def diagnostics(self, cache: KVCache) -> dict[str, Any]:
+        """Policy-specific diagnostics of a finished batch (e.g. FastGen's chosen policy per head)."""
+        return {}
 
     def observe(self, layer: LayerCache, probs: torch.Tensor, query_positions: torch.Tensor, ctx: Context) -> None:
         """Receive attention probabilities [B, H, q, T] over the layer's current slots for query rows at

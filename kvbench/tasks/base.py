@@ -62,9 +62,14 @@ class Task:
         if self.needs_data and not Path(data_dir).is_dir():
             raise UserError(f"task '{self.name}' needs data_dir, and {data_dir} does not exist (set data_dir=<path>)")
 
+    def stopped(self, text: str) -> bool:
+        """Whether generation should stop: a stop string after the leading newlines (LongBench's samsum stops at
+        a newline token but only after one new token, so a reply that opens with newlines goes on)."""
+        body = text.lstrip("\n")
+        return any(stop in body for stop in self.stop)
+
     def postprocess(self, prediction: str) -> str:
-        """Cut the raw decoded text at the first stop string."""
-        for stop in self.stop:
-            if stop in prediction:
-                prediction = prediction[: prediction.index(stop)]
-        return prediction
+        """Cut the raw decoded text at the first stop string after its leading newlines."""
+        body = prediction.lstrip("\n")
+        cuts = [body.index(stop) for stop in self.stop if stop in body]
+        return prediction[: len(prediction) - len(body) + min(cuts)] if cuts else prediction

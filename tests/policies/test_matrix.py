@@ -36,6 +36,7 @@ def essay_ids(data_dir, tokenizer, offsets_and_sizes):
 
 
 def run(model, tokenizer, policy, budget, ids, max_new_tokens, chunk_size=64, evict_per_chunk=False):
+    policy.bind(tokenizer)
     engine = engine_for(model, policy, budget)
     batch = collate(ids, tokenizer.pad_token_id, "cpu")
     out = generate(model, engine, batch, max_new_tokens, set(), chunk_size=chunk_size, evict_per_chunk=evict_per_chunk)
