@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from kvbench.cache import EMPTY, KVCache, LayerCache
+from kvbench.errors import UserError
 from kvbench.policies.base import Budget, Context, Policy
 
 ATTENTION_NAME = "kvbench"
@@ -52,6 +53,7 @@ class Engine:
     shadow_keys: list[LayerCache] = field(default_factory=list)
     mass_sum: torch.Tensor | None = None  # [L, B, Hkv] attention mass retained, summed over decode steps
     mass_steps: int = 0
+    inv_freq: torch.Tensor | None = None  # the model's RoPE frequencies, set by ``attach``
     held_sum: torch.Tensor | None = None  # [B] entries held, summed over layers, heads and steps
     full_sum: torch.Tensor | None = None  # [B] entries a full cache would hold, same sums
 
@@ -82,7 +84,22 @@ class Engine:
             capacity=capacity,
             token_ids=self.token_ids,
             group_size=self.group_size,
+            inv_freq=self.inv_freq,
         )
+
+    def rope_positions(self, positions: torch.Tensor) -> torch.Tensor:
+        """RoPE positions for new tokens at original ``positions`` [B, q] (padding gets 0).
+
+        Normally the original positions. Under ``position_shift`` a new token's position is its rank among the
+        held slots: the count held before it (layer 0, head 0; such policies share indices) plus its rank
+        among this step's tokens.
+        """
+        valid = positions != EMPTY
+        if not self.policy.position_shift:
+            return positions.masked_fill(~valid, 0)
+        held = self.cache.layers[0].held()[:, 0] if self.cache.layers[0].keys is not None else 0
+        ranks = valid.long().cumsum(-1) - 1 + (held[:, None] if torch.is_tensor(held) else held)
+        return ranks.masked_fill(~valid, 0)
 
     def attend(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float):
         """query [B, H, q, D]; key/value [B, Hkv, q, D] (new entries only). Returns [B, q, H, D]."""
@@ -209,6 +226,10 @@ def attach(model: torch.nn.Module, engine: Engine) -> Iterator[Engine]:
     modules = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "num_key_value_groups")]
     for module in modules:
         module.kvbench_engine = engine
+    rotary = getattr(getattr(model, "model", model), "rotary_emb", None)
+    if engine.policy.position_shift and (rotary is None or getattr(rotary, "attention_scaling", 1.0) != 1.0):
+        raise UserError("position_shift needs plain RoPE (a rotary_emb without attention scaling)")
+    engine.inv_freq = None if rotary is None else rotary.inv_freq
     model.set_attn_implementation(ATTENTION_NAME)
     try:
         yield engine

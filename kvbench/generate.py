@@ -73,7 +73,7 @@ def prefill(model, engine: Engine, batch: Batch, chunk_size: int, evict_per_chun
         )
         logits = model(
             input_ids=batch.input_ids[:, start:end],
-            position_ids=rope_positions(positions[:, start:end]),
+            position_ids=engine.rope_positions(positions[:, start:end]),
             use_cache=False,
             logits_to_keep=1,
         ).logits[:, -1]
@@ -83,12 +83,8 @@ def prefill(model, engine: Engine, batch: Batch, chunk_size: int, evict_per_chun
 def decode_step(model, engine: Engine, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Feed one token per example at ``positions`` [B]; the policy may evict after it. Returns logits [B, V]."""
     engine.step = Step(positions=positions[:, None], phase="decode", evict=True)
-    return model(input_ids=tokens[:, None], position_ids=positions[:, None], use_cache=False).logits[:, -1]
-
-
-def rope_positions(positions: torch.Tensor) -> torch.Tensor:
-    """Positions for RoPE: padding gets 0 (its rotation is irrelevant, it is never attended to)."""
-    return positions.masked_fill(positions == EMPTY, 0)
+    rope = engine.rope_positions(positions[:, None])
+    return model(input_ids=tokens[:, None], position_ids=rope, use_cache=False).logits[:, -1]
 
 
 @torch.inference_mode()

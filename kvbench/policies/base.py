@@ -75,6 +75,7 @@ class Context:
     capacity: torch.Tensor | None  # [B] entries allowed per (example, KV head), None = no budget
     token_ids: torch.Tensor  # [B, P] token id at each position (-1 where none)
     group_size: int  # query heads per KV head
+    inv_freq: torch.Tensor | None = None  # the model's RoPE frequencies [D/2] (for re-rotating keys)
 
 
 @dataclass
@@ -86,6 +87,7 @@ class Policy:
     decode_rows = False
     needs_budget = True
     kv_masked = False
+    position_shift = False  # RoPE positions = rank among held slots (StreamingLLM's variant), not original
 
     def bind(self, tokenizer: Any) -> None:
         """Receive the model's tokenizer before the run (policies that read token ids, e.g. FastGen)."""
@@ -163,6 +165,16 @@ def top_capacity(
     if capacity.dim() == 1:
         capacity = capacity[:, None]
     return (rank < capacity[..., None]) & valid
+
+
+def rotate(keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Move RoPE-rotated keys [B, Hkv, T, D] by ``delta`` [B, Hkv, T] positions (rotations compose), in the
+    half-split layout of transformers' Llama-family ``rotate_half``."""
+    angles = delta.to(torch.float32)[..., None] * inv_freq.to(torch.float32)  # [B, Hkv, T, D/2]
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    half = keys.shape[-1] // 2
+    rotated_half = torch.cat([-keys[..., half:], keys[..., :half]], -1)
+    return (keys.float() * cos + rotated_half.float() * sin).to(keys.dtype)
 
 
 def to_kv_heads(probs: torch.Tensor, group_size: int) -> torch.Tensor:

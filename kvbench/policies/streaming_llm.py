@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from kvbench.cache import LayerCache
-from kvbench.policies.base import Context, ScorerPolicy, sinks
+from kvbench.policies.base import Context, ScorerPolicy, rotate, sinks
 
 
 @dataclass
@@ -15,11 +15,24 @@ class StreamingLLMPolicy(ScorerPolicy):
     """Keep the first ``n_sink`` tokens and the most recent ``capacity - n_sink`` (§3.2: "4 + recent").
 
     Phase: both (the official cache evicts before every forward once full). Budget: fraction or tokens; the
-    sinks count toward it. Same indices for every head. Keys keep their original RoPE positions (the paper's
-    position shift re-indexes them inside the cache; not applied here).
+    sinks count toward it. Same indices for every head. By default keys keep their original RoPE positions;
+    ``position_shift=True`` is the paper's variant (§3.2, ``pos_shift``): positions inside the cache are
+    contiguous and the query sits right after them. kvbench re-rotates the kept keys by their change of slot
+    rank at each eviction (RoPE rotations compose), which equals caching pre-RoPE keys and rotating them anew.
     """
 
     n_sink: int = 4
+    position_shift: bool = False
+
+    def evict(self, layer: LayerCache, ctx: Context) -> None:
+        keep = self.select(layer, ctx)
+        if keep is None:
+            return
+        if self.position_shift:
+            valid = layer.valid
+            delta = (keep & valid).long().cumsum(-1) - valid.long().cumsum(-1)  # new rank - old rank
+            layer.keys = rotate(layer.keys, delta, ctx.inv_freq)
+        layer.keep(keep)
 
     def score(self, layer: LayerCache, ctx: Context) -> torch.Tensor:
         # Recent tokens rank by recency; among the sinks the earliest rank first (for budgets below n_sink).
