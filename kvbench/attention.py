@@ -46,7 +46,8 @@ class Engine:
     cache: KVCache = field(init=False)
     step: Step | None = None
     prompt_lengths: torch.Tensor | None = None  # [B]
-    uncompressed: torch.Tensor | None = None  # [B] tokens appended outside compression (held-out question)
+    compressed_lengths: torch.Tensor | None = None  # [B] prompt tokens under compression (the rest is held out)
+    held_out: torch.Tensor | None = None  # [B] prompt tokens appended after compression (query-agnostic)
     token_ids: torch.Tensor | None = None  # [B, P] id at each position
     peak_nbytes: int = 0  # keys, values and side state (positions, statistics, policy state)
     peak_kv_nbytes: int = 0  # keys and values only
@@ -69,12 +70,12 @@ class Engine:
 
     def context(self, layer_idx: int) -> Context:
         seen = self.seen()
-        if self.uncompressed is None:
+        if self.held_out is None:
             capacity = self.budget.capacity(seen)
-        else:
-            compressible = seen - self.uncompressed
-            capacity = self.budget.capacity(compressible)
-            capacity = None if capacity is None else capacity + self.uncompressed
+        else:  # held-out tokens seen so far are allowed on top of the budget
+            held_out = (seen - self.compressed_lengths).clamp(min=0).minimum(self.held_out)
+            capacity = self.budget.capacity(seen - held_out)
+            capacity = None if capacity is None else capacity + held_out
         return Context(
             layer_idx=layer_idx,
             n_layers=self.n_layers,

@@ -108,7 +108,8 @@ def generate(
     engine.prompt_lengths = lengths
     engine.token_ids = _ids_by_position(batch, max_new_tokens)
     if batch.split < batch.input_ids.shape[1]:
-        engine.uncompressed = batch.attention_mask[:, batch.split :].long().sum(-1)
+        engine.compressed_lengths = batch.attention_mask[:, : batch.split].long().sum(-1)
+        engine.held_out = batch.attention_mask[:, batch.split :].long().sum(-1)
     reset_peak(device)
     synchronize(device)
     start = time.perf_counter()
