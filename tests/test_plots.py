@@ -1,0 +1,168 @@
+"""``kvbench.plots`` and the paper scripts: every figure and table from a fixture results dir, no model."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image
+import pandas as pd
+import pytest
+
+from kvbench import plots, results
+from tests.results_fixture import MODEL, TASKS, write_results
+
+REPO = Path(__file__).resolve().parents[1]
+PAPER_SCRIPTS = sorted(plots.PAPER)
+
+
+@pytest.fixture(scope="module")
+def fixture_dir(tmp_path_factory) -> Path:
+    return write_results(tmp_path_factory.mktemp("results"))
+
+
+@pytest.fixture(scope="module")
+def written(fixture_dir) -> Path:
+    """``python -m kvbench.plots`` (in process) over the fixture: the figures folder (PNG only, for speed; the
+    script tests check the PDFs)."""
+    assert plots.main([str(fixture_dir), "--formats", "png"]) == 0
+    return fixture_dir / "figures"
+
+
+def _check_png(path: Path) -> None:
+    assert path.stat().st_size > 1000, path
+    image = matplotlib.image.imread(path)
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100, path
+
+
+def test_every_figure_is_written(written):
+    model = plots.safe(MODEL)
+    expected = {
+        f"{name}__{model}"
+        for name in (
+            "score_vs_budget",
+            "score_vs_budget_average",
+            "score_vs_budget_tokens",
+            "score_vs_budget_average_tokens",
+            "memory_vs_budget",
+            "memory_vs_budget_tokens",
+            "throughput_vs_budget",
+            "throughput_vs_budget_tokens",
+            "attention_mass_vs_budget",
+            "fig_corm_compression_vs_length",
+            "fig_fastgen_tradeoff",
+            "fig_less_gap_recovered",
+        )
+    }
+    # Heat maps only for the policies whose heads keep different fractions (not SnapKV or StreamingLLM).
+    for setting in ("h2o(recent_fraction=0.5)", "less(base=h2o,recent_fraction=0.5,rank=8)", "corm(w=128,r=256)"):
+        expected.add(f"kept_heads__{model}__{plots.safe(setting)}")
+    pngs = {path.stem for path in written.glob("*.png")}
+    assert expected <= pngs, expected - pngs
+    assert not any("snapkv" in stem or "streaming" in stem for stem in pngs if stem.startswith("kept_heads"))
+    for stem in pngs:
+        _check_png(written / f"{stem}.png")
+    tables = {path.stem for path in written.glob("*.md")}
+    assert {f"table_corm_longbench__{model}", f"table_snapkv_longbench__{model}"} <= tables
+    assert {path.stem for path in written.glob("*.csv")} == tables
+
+
+def test_no_results_yet(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "kvbench.plots", str(tmp_path), "--out", str(tmp_path / "figs")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "no results yet" in done.stdout
+    assert not (tmp_path / "figs").exists()
+
+
+@pytest.mark.parametrize("name", PAPER_SCRIPTS)
+def test_paper_script_runs(name, fixture_dir, tmp_path):
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / f"{name}.py"), str(fixture_dir), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert done.returncode == 0, done.stderr
+    stems = {path.stem for path in out.iterdir()}
+    assert f"{name}__{plots.safe(MODEL)}" in stems
+    for png in out.glob("*.png"):
+        _check_png(png)
+        assert png.with_suffix(".pdf").read_bytes()[:5] == b"%PDF-"
+
+
+@pytest.mark.parametrize("name", PAPER_SCRIPTS)
+def test_paper_script_without_inputs(name, tmp_path, capsys):
+    assert plots.script(name, [str(tmp_path)]) == 0
+    assert f"no results for {plots.PAPER[name][1]} yet" in capsys.readouterr().out
+
+
+def test_paper_script_without_its_policy(tmp_path, capsys):
+    """Rows exist, but none of the policy a paper figure needs: it says so and writes nothing."""
+    root = write_results(tmp_path / "r", n_examples=2)
+    df = results.load(root)
+    kept = df[~df["policy"].isin(["corm", "fastgen", "less"])]
+    assert plots.corm_compression_vs_length(kept) == {}
+    assert plots.fastgen_tradeoff(kept) == {}
+    assert plots.less_gap_recovered(kept) == {}
+
+
+def test_less_gap_recovered_values(fixture_dir):
+    lines = results.summary(results.load(fixture_dir))
+    table = plots.less_gap_table(lines)
+    assert set(table["task"]) == {*TASKS, results.MACRO}
+    row = table[(table["task"] == TASKS[0]) & (table["budget"] == "0.1")].iloc[0]
+
+    def score(policy: str, budget: float | None) -> float:
+        line = lines[(lines["task"] == TASKS[0]) & (lines["policy"] == policy)]
+        line = line if budget is None else line[line["budget_x"] == budget]
+        return float(line["score"].iloc[0])
+
+    full, h2o, less = score("full", None), score("h2o", 0.1), score("less", 0.1)
+    assert row["gap_recovered_pct"] == pytest.approx(100 * (less - h2o) / (full - h2o))
+
+
+def test_corm_longbench_table_layout(fixture_dir):
+    table = next(iter(plots.corm_longbench_table(results.load(fixture_dir)).values()))
+    assert list(table.columns)[0] == "full"
+    assert {"qasper", "hotpotqa", "trec", "dureader"} <= set(table.index)
+    assert {"Single-doc QA (avg)", "Multi-doc QA (avg)", "Few-shot (avg)"} <= set(table.index)
+    assert list(table.index[-3:]) == ["Overall EN", "Overall ZH", "Overall"]
+    full = table["full"]
+    categories = full[[name for name in table.index if name.endswith("(avg)")]]
+    assert full["Overall"] == pytest.approx(categories.mean(), abs=0.01)
+    assert full["Overall ZH"] == pytest.approx(full["dureader"], abs=0.01)
+
+
+def test_snapkv_table_layout(fixture_dir):
+    table = next(iter(plots.snapkv_longbench_table(results.load(fixture_dir)).values()))
+    assert table.index[0] == "All KV"
+    assert list(table.columns) == ["Qsp", "HQA", "TREC", "Avg", "KV kept"]  # no Chinese task (dureader)
+    assert "snapkv(window=32,kernel=7) @ 0.3" in table.index
+    assert table.loc["All KV", "Avg"] == pytest.approx(table.loc["All KV", ["Qsp", "HQA", "TREC"]].mean())
+
+
+def test_figures_from_one_task_and_from_one_row(tmp_path):
+    root = write_results(tmp_path / "r", n_examples=2)
+    df = results.load(root)
+    one_task = plots.all_outputs(df[df["task"] == TASKS[0]])  # no macro average
+    assert f"score_vs_budget__{plots.safe(MODEL)}" in one_task
+    assert not any(name.startswith("score_vs_budget_average") for name in one_task)
+    one = df[(df["policy"] == "full") & (df["task"] == TASKS[0])]
+    outputs = plots.all_outputs(one)
+    assert f"score_vs_budget__{plots.safe(MODEL)}" in outputs
+    assert not any(name.startswith(("kept_heads", "fig_")) for name in outputs)
+    assert isinstance(next(iter(plots.snapkv_longbench_table(one).values())), pd.DataFrame)
+
+
+def test_plots_never_import_a_model_stack():
+    modules = "{'torch', 'transformers', 'wandb'}"
+    code = f"import sys, kvbench.plots, kvbench.results; print(sorted({modules} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert done.stdout.strip() == "[]", done.stderr

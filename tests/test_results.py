@@ -1,0 +1,162 @@
+"""``kvbench.results``: loading (recursive, de-duplicated), labels, summaries with bootstrap CIs, tables."""
+
+from __future__ import annotations
+
+import ast
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from kvbench import results
+from kvbench.store import append_line, read_lines
+from tests.results_fixture import MODEL, SETTINGS, TASKS, row, write_results
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def fixture_dir(tmp_path_factory) -> Path:
+    return write_results(tmp_path_factory.mktemp("results"))
+
+
+@pytest.fixture(scope="module")
+def df(fixture_dir) -> pd.DataFrame:
+    return results.load(fixture_dir)
+
+
+@pytest.fixture(scope="module")
+def lines(df) -> pd.DataFrame:
+    return results.summary(df)
+
+
+def _dict_keys(function: str, path: Path = REPO / "kvbench" / "runner.py") -> set[str]:
+    """Keys of the dict literals a function of the runner builds (the row, or a prediction record)."""
+    tree = ast.parse(path.read_text())
+    node = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == function)
+    dicts = [d for d in ast.walk(node) if isinstance(d, ast.Dict) and len(d.keys) > 5]
+    return {k.value for d in dicts for k in d.keys if isinstance(k, ast.Constant)}
+
+
+def test_fixture_has_the_runner_schema(fixture_dir):
+    rows = read_lines(fixture_dir / "results.jsonl")
+    assert set(rows[0]) == _dict_keys("_row")
+    prediction = read_lines(next((fixture_dir / "predictions").glob("*.jsonl")))[0]
+    assert set(prediction) == _dict_keys("_run_batch")
+
+
+def test_load_is_recursive_and_keeps_the_latest_row(fixture_dir, df):
+    assert len(df) == len(SETTINGS) * len(TASKS)
+    assert df["config_hash"].is_unique
+    old = read_lines(fixture_dir / "old" / "results.jsonl")[0]
+    kept = df.set_index("config_hash").loc[old["config_hash"]]
+    assert kept["score"] != -1.0
+    assert kept["results_dir"] == str(fixture_dir)
+
+
+def test_load_newer_row_in_a_nested_dir_wins(tmp_path):
+    root = write_results(tmp_path / "a", n_examples=2)
+    first = read_lines(root / "results.jsonl")[0]
+    newer = {**first, "score": 12.5, "timestamp": "2027-01-01T00:00:00+00:00"}
+    append_line(root / "sub" / "results.jsonl", newer)
+    kept = results.load(root).set_index("config_hash").loc[first["config_hash"]]
+    assert kept["score"] == 12.5
+    assert kept["results_dir"] == str(root / "sub")
+
+
+def test_labels_and_budgets(df):
+    snapkv = df[df["policy"] == "snapkv"].iloc[0]
+    assert snapkv["policy_label"] == "snapkv(window=32,kernel=7)"
+    assert (snapkv["budget_kind"], snapkv["budget_label"]) == ("fraction", f"{snapkv['budget']:g}")
+    streaming = df[df["policy"] == "streaming_llm"]
+    assert set(streaming["budget_kind"]) == {"tokens"}
+    assert set(streaming["budget_label"]) == {"64 tok", "128 tok"}
+    full = df[df["policy"] == "full"].iloc[0]
+    assert (full["policy_label"], full["budget_kind"], full["setting"]) == ("full", "none", "full")
+    assert math.isnan(full["budget_x"])
+
+
+def test_policy_label_formats_nested_params():
+    assert results.policy_label("full", {}) == "full"
+    label = results.policy_label("adakv", {"alpha": 0.20, "inner": {"name": "snapkv", "window": 32}, "ks": [1, 2]})
+    assert label == "adakv(alpha=0.2,inner={name=snapkv,window=32},ks=[1,2])"
+
+
+def test_variant_goes_into_the_setting(tmp_path):
+    root = tmp_path / "r"
+    record = {"id": "a", "score": 1.0, "kv_kept_per_head": [[1.0]], "kv_kept_fraction": 1.0, "kv_bytes": 1}
+    record.update(n_prompt_tokens=10, n_new_tokens=1, prefill_s=1, decode_s=1, ttft_s=1, attention_mass_retained=None)
+    record.update(kv_payload_bytes=1, prefill_peak_bytes=1, decode_peak_bytes=1)
+    line = row("h", "snapkv", {"window": 8}, "passkey", [record], budget=0.5, protocol="query_agnostic")
+    append_line(root / "results.jsonl", line)
+    assert results.load(root)["setting"].tolist() == ["snapkv(window=8) [protocol=query_agnostic]"]
+
+
+def test_summary_scores_and_bootstrap(df, lines):
+    assert set(lines["model"]) == {MODEL}
+    point = lines[(lines["task"] == TASKS[0]) & (lines["policy"] == "snapkv") & (lines["budget_x"] == 0.3)]
+    assert len(point) == 1
+    point = point.iloc[0]
+    source = df[(df["task"] == TASKS[0]) & (df["policy"] == "snapkv") & (df["budget_x"] == 0.3)].iloc[0]
+    assert point["score"] == pytest.approx(source["score"])
+    assert point["ci_low"] <= point["score"] <= point["ci_high"]
+    # The CI is the 2.5/97.5 percentile of 1000 resampled means x 100, seed 0.
+    scores = results.example_scores(source)
+    assert scores.size == source["n_examples"]
+    draws = scores[np.random.default_rng(0).integers(0, scores.size, size=(1000, scores.size))].mean(axis=1)
+    expected = np.percentile(100 * draws, [2.5, 97.5])
+    assert (point["ci_low"], point["ci_high"]) == pytest.approx(tuple(expected))
+
+
+def test_summary_ci_matches_the_longbench_metric_module(df):
+    longbench = pytest.importorskip("kvbench.metrics.longbench")
+    if not hasattr(longbench, "bootstrap_ci"):
+        pytest.skip("kvbench.metrics.longbench has no bootstrap_ci")
+    scores = results.example_scores(df.iloc[0])
+    assert results.bootstrap_ci(scores) == pytest.approx(longbench.bootstrap_ci(list(scores)))
+
+
+def test_summary_macro_average(lines):
+    macro = lines[lines["task"] == results.MACRO]
+    # Every (setting, budget) point has all four tasks, so each gets a macro line.
+    assert len(macro) == len(SETTINGS)
+    per_task = lines[(lines["task"] != results.MACRO) & (lines["policy"] == "h2o") & (lines["budget_x"] == 0.1)]
+    line = macro[(macro["policy"] == "h2o") & (macro["budget_x"] == 0.1)].iloc[0]
+    assert line["score"] == pytest.approx(per_task["score"].mean())
+    assert line["ci_low"] <= line["score"] <= line["ci_high"]
+    assert line["n_examples"] == per_task["n_examples"].sum()
+
+
+def test_summary_without_predictions_has_no_ci(tmp_path):
+    root = write_results(tmp_path / "r", n_examples=3)
+    for path in (root / "predictions").glob("*.jsonl"):
+        path.unlink()
+    lines = results.summary(results.load(root))
+    assert lines["score"].notna().all()
+    assert lines["ci_low"].isna().all()
+
+
+def test_empty_dir(tmp_path, capsys):
+    df = results.load(tmp_path / "missing")
+    assert df.empty and "policy_label" in df.columns
+    assert results.summary(df).empty
+    assert results.write_summaries(tmp_path) == []
+    assert results.main([str(tmp_path)]) == 0
+    assert "no results yet" in capsys.readouterr().out
+
+
+def test_write_summaries(fixture_dir, tmp_path, capsys):
+    assert results.main([str(fixture_dir), "--out", str(tmp_path / "s")]) == 0
+    names = sorted(p.name for p in (tmp_path / "s").iterdir())
+    assert names == ["efficiency.csv", "efficiency.md", "scores.csv", "scores.md"]
+    scores_md = (tmp_path / "s" / "scores.md").read_text()
+    assert f"## {MODEL}" in scores_md and "| average |" in scores_md
+    assert "snapkv(window=32,kernel=7) @ 0.3" in scores_md
+    scores_csv = pd.read_csv(tmp_path / "s" / "scores.csv")
+    assert {"task", "setting", "budget_label", "score", "ci_low", "ci_high"} <= set(scores_csv.columns)
+    efficiency = pd.read_csv(tmp_path / "s" / "efficiency.csv")
+    assert {"kv_kept_fraction", "kv_bytes", "peak_memory_bytes", "decode_tokens_per_s"} <= set(efficiency.columns)
+    assert len(efficiency) == len(SETTINGS)
+    assert "KV MiB" in (tmp_path / "s" / "efficiency.md").read_text()
