@@ -58,6 +58,8 @@ def plan(cfg: DictConfig) -> Plan:
     policy = instantiate(cfg.policy) if cfg.get("policy") is not None else FullCache()
     if policy.needs_budget and budget.kind == "none":
         raise UserError(f"policy '{policy.name}' needs a budget: add budget=<fraction in (0, 1]> or budget_tokens=<n>")
+    if getattr(policy, "budget_free", False) and budget.kind != "none":
+        raise UserError(f"policy '{policy.name}' sets its own compression; remove budget/budget_tokens")
     if isinstance(policy, FullCache) and budget.kind != "none" and budget.value != 1.0:
         raise UserError("the full cache keeps everything: use budget=1.0 (or none) with it, or pick a policy")
     if cfg.protocol not in PROTOCOLS:

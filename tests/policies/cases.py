@@ -29,4 +29,19 @@ POLICIES = {
     "tova": None,
     "snapkv": _recent(lambda p, c: torch.where(c >= p.window, p.window, 0)),
     "pyramidkv": None,
+    "corm": _recent(lambda p, c: torch.where(c >= p.r, p.r, 0)),
+    "scissorhands": _recent(lambda p, c: torch.where(c >= p.recent, p.recent, 0)),
+    "fixed_capacity": lambda p, *a: (_sinks if p.rule == "sliding_window" else _recent(lambda p, c: 1))(p, *a),
 }
+
+# Parameters under which a policy at budget 1.0 must equal the full cache (CORM evicts by its own rule at any
+# budget; nothing can be minor for w consecutive queries when w exceeds the sequence). FastGen is budget-free (no
+# entry in POLICIES): with T = 1 every head is full.
+FULL_EQUIVALENT = {"corm": {"w": 100000}, "fastgen": {"recovery": 1.0}}
+
+# Side state (positions, statistics, policy state) allowed beside the KV bytes, as a share of them. The default
+# covers int32 positions plus a float score per slot. Scissorhands keeps an exact history of the last 400
+# attention rows: 400 bits = 50 bytes per slot, 20% of the tiny test model's 256 bytes of fp32 K+V per slot
+# (10% of SmolLM2's 512; about 5% for a bf16 model with head dim 128). It is counted in kv_bytes.
+SIDE_STATE = {"scissorhands": 0.25}
+DEFAULT_SIDE_STATE = 0.05

@@ -1,0 +1,136 @@
+"""LESS: the state update and the combined attention against a dense reference, exactness with nothing
+evicted, strict kernel loading, and a few-step training run of scripts/train_less.py."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+
+import pytest
+import torch
+
+from kvbench.attention import Engine, Step
+from kvbench.config import CONFIG_DIR
+from kvbench.errors import UserError
+from kvbench.policies.base import Budget
+from kvbench.policies.full import FullCache
+from kvbench.policies.less import Kernels, LESSPolicy
+
+from .test_matrix import essay_ids, run
+
+
+def load_trainer():
+    spec = importlib.util.spec_from_file_location("train_less", CONFIG_DIR.parent / "scripts" / "train_less.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_random_kernels(path, n_heads, n_kv_heads, dim, rank=4, hidden=16, base="h2o", model=None):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    kernels = Kernels(n_heads, n_kv_heads, dim, rank, hidden)
+    with torch.no_grad():  # large enough that the state matters against exp(q k scale)
+        kernels.s1.uniform_(0.5, 2.0)
+        kernels.s2.uniform_(0.1, 0.5)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({f"layers.0.{name}": t.contiguous() for name, t in kernels.state_dict().items()},
+              str(path / "kernels.safetensors"))  # fmt: skip
+    manifest = {"model": model, "base": base, "rank": rank, "hidden": hidden, "n_layers": 1, "n_heads": n_heads,
+                "n_kv_heads": n_kv_heads, "head_dim": dim, "budget": 0.5}  # fmt: skip
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    return kernels
+
+
+def test_state_and_combined_attention_match_the_dense_formula(tmp_path):
+    batch, kv_heads, group, dim, prompt = 2, 2, 3, 8, 12
+    heads = kv_heads * group
+    kernels = write_random_kernels(tmp_path, heads, kv_heads, dim)
+    policy = LESSPolicy(rank=4, kernels=str(tmp_path))
+    engine = Engine(policy, Budget("tokens", 5), n_layers=1, group_size=group)
+    engine.prompt_lengths = torch.full((batch,), prompt)
+    torch.manual_seed(0)
+    q = torch.randn(batch, heads, prompt + 1, dim)
+    k = torch.randn(batch, kv_heads, prompt + 1, dim)
+    v = torch.randn(batch, kv_heads, prompt + 1, dim)
+    scale = 1 / math.sqrt(dim)
+    positions = torch.arange(prompt + 1)[None].expand(batch, -1)
+    engine.step = Step(positions[:, :prompt], "prefill", evict=True)
+    engine.attend(0, q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt], scale)
+    layer = engine.cache.layers[0]
+    held = torch.zeros(batch, kv_heads, prompt + 1, dtype=torch.bool)
+    held.scatter_(-1, layer.positions.long(), True)
+    evicted = ~held[..., :prompt]  # [B, Hkv, P]
+    assert int(evicted.sum()) == batch * kv_heads * (prompt - 5)
+
+    with torch.no_grad():
+        psi = kernels.psi(k[:, :, :prompt]) * evicted[..., None]  # [B, Hkv, P, R]
+        torch.testing.assert_close(layer.extra["less_z"], psi.sum(2))
+        torch.testing.assert_close(layer.extra["less_h"], psi.transpose(-1, -2) @ v[:, :, :prompt])
+
+    engine.step = Step(positions[:, prompt:], "decode", evict=True)
+    out = engine.attend(0, q[:, :, prompt:], k[:, :, prompt:], v[:, :, prompt:], scale)  # [B, 1, H, D]
+
+    held[..., prompt] = True
+    with torch.no_grad():
+        phi = kernels.phi(q[:, :, prompt:])[:, :, 0]  # [B, H, R]
+        psi_all = kernels.psi(k).repeat_interleave(group, 1)  # [B, H, P + 1, R]
+    keys, values = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    weights = torch.where(
+        held.repeat_interleave(group, 1),
+        torch.exp(torch.einsum("bhd,bhtd->bht", q[:, :, prompt], keys) * scale),
+        torch.einsum("bhr,bhtr->bht", phi, psi_all),
+    )  # e_j on held keys, phi(q) psi(k_j) on evicted ones
+    reference = torch.einsum("bht,bhtd->bhd", weights, values) / weights.sum(-1, keepdim=True)
+    sparse_only = torch.einsum("bht,bhtd->bhd", weights * held.repeat_interleave(group, 1), values)
+    sparse_only = sparse_only / (weights * held.repeat_interleave(group, 1)).sum(-1, keepdim=True)
+    assert not torch.allclose(reference, sparse_only, atol=1e-3)  # the state contributes
+    torch.testing.assert_close(out[:, 0], reference, rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny_kernels(tmp_path_factory, data_dir):
+    out = tmp_path_factory.mktemp("less") / "tiny"
+    args = "--model tiny_random_llama --windows 2 --window-tokens 96 --epochs 1 --loss-from 16 --hidden 8"
+    args = [*args.split(), "--corpus", "local", "--data-dir", str(data_dir), "--out", str(out)]
+    load_trainer().main(args)
+    return out
+
+
+def test_training_run_writes_kernels_and_manifest(tiny_kernels):
+    manifest = json.loads((tiny_kernels / "manifest.json").read_text())
+    assert (tiny_kernels / "kernels.safetensors").stat().st_size > 0
+    assert manifest["model"] == "tiny_random_llama" and manifest["base"] == "h2o" and manifest["rank"] == 8
+    assert manifest["trained_layers"] == [0, 1, 2, 3]
+    losses = [value for layer in manifest["val_mse"].values() for value in layer.values()]
+    assert len(losses) == 12 and all(math.isfinite(value) for value in losses)
+    assert all(layer["less"] <= layer["base"] * 1.001 for layer in manifest["val_mse"].values())
+
+
+def test_budget_one_reproduces_full_cache_and_a_budget_fills_the_state(tiny, data_dir, tiny_kernels):
+    model, tokenizer = tiny
+    ids = essay_ids(data_dir, tokenizer, [(0, 2000), (700, 900)])
+    full, _ = run(model, tokenizer, FullCache(), Budget(), ids, 12)
+    policy = LESSPolicy(kernels=str(tiny_kernels), model="tiny_random_llama")
+    tokens, engine = run(model, tokenizer, policy, Budget("fraction", 1.0), ids, 12)
+    assert tokens == full and not engine.cache.layers[0].extra
+    _, engine = run(model, tokenizer, policy, Budget("fraction", 0.2), ids, 4)
+    layer = engine.cache.layers[0]
+    assert bool((layer.extra["less_z"].sum(-1) > 0).all())
+    assert layer.side_nbytes() >= layer.extra["less_h"].nbytes + layer.extra["less_z"].nbytes
+
+
+def test_kernels_are_required_and_checked(tmp_path):
+    with pytest.raises(UserError, match="train_less.py"):
+        LESSPolicy(kernels=None).load()
+    with pytest.raises(UserError, match="no kernels"):
+        LESSPolicy(kernels=str(tmp_path / "missing")).load()
+    write_random_kernels(tmp_path, 4, 2, 8, base="h2o", model="tiny_random_llama")
+    with pytest.raises(UserError, match="base=h2o, not lambda"):
+        LESSPolicy(base="lambda", rank=4, kernels=str(tmp_path)).load()
+    with pytest.raises(UserError, match="rank=4, not 8"):
+        LESSPolicy(kernels=str(tmp_path)).load()
+    with pytest.raises(UserError, match="model=tiny_random_llama, not smollm2_135m"):
+        LESSPolicy(rank=4, kernels=str(tmp_path), model="smollm2_135m").load()
