@@ -29,8 +29,9 @@ class FastGenPolicy(Policy):
     set size, the same fraction, ranked by attention received over every query so far.
 
     Phase: both (profile and cut at the end of prefill, then one eviction per decode step). Budget: none,
-    compression is the outcome (T = ``recovery``; the paper sweeps 0.91-0.98, 0.95 is our default). A given
-    ``budget`` is ignored. ``recovery >= 1`` makes every head full (no set but full is sure to reach 1).
+    compression is the outcome (T = ``recovery``; the paper sweeps 0.91-0.98, 0.95 is our default). A run that
+    sets ``budget`` or ``budget_tokens`` is rejected. ``recovery >= 1`` makes every head full (no set but
+    full is sure to reach 1).
 
     Special and punctuation ids come from the tokenizer through ``bind(tokenizer)``: special = the tokenizer's
     special and added-special tokens plus the chat template's role-marker tokens; punctuation = ids whose
