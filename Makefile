@@ -39,3 +39,20 @@ test: install lint
 
 figures: install
 	$(PY) -m kvbench.plots results
+
+# A one-node Slurm cluster on this machine (root; installs slurm-wlm and munge if missing): see scripts/slurm.sh.
+SLURM_DIR ?= /tmp/kvbench-slurm
+.PHONY: test-slurm
+
+slurm-up:
+	KVBENCH_SLURM_DIR=$(SLURM_DIR) scripts/slurm.sh up
+
+slurm-down:
+	KVBENCH_SLURM_DIR=$(SLURM_DIR) scripts/slurm.sh down
+
+# The Slurm integration tests (pytest -m slurm) on that cluster; it goes down afterwards, pass or fail.
+test-slurm: install
+	export KVBENCH_SLURM_DIR=$(SLURM_DIR) SLURM_CONF=$(SLURM_DIR)/slurm.conf; \
+	scripts/slurm.sh up || { scripts/slurm.sh down; exit 1; }; \
+	$(PY) -m pytest -q -m slurm --durations=0 tests/test_slurm.py; status=$$?; \
+	scripts/slurm.sh down; exit $$status
