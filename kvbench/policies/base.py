@@ -177,6 +177,27 @@ def rotate(keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> t
     return (keys.float() * cos + rotated_half.float() * sin).to(keys.dtype)
 
 
+def below_uniform(
+    layer: LayerCache, probs: torch.Tensor, query_positions: torch.Tensor, group_size: int, threshold: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which keys each query row pays less than uniform attention, for every query head of the group.
+
+    ``threshold``: ``step`` compares with 1/t, t the query's absolute step (position + 1); ``cache`` with
+    1/(keys the query sees). Returns (minor, seen), both [B, Hkv, q, T]: ``seen`` says which keys a row saw
+    (padding rows and later keys of the same chunk did not), and ``minor`` is false where it did not.
+    """
+    batch, heads, n_rows, length = probs.shape
+    query_pos = query_positions.long()  # [B, q]
+    seen = layer.positions[:, :, None, :].long() <= query_pos[:, None, :, None]  # [B, Hkv, q, T]
+    seen &= (query_positions != EMPTY)[:, None, :, None]
+    if threshold == "step":
+        bar = 1.0 / (query_pos + 1).clamp(min=1).float()[:, None, :, None]  # [B, 1, q, 1]
+    else:
+        bar = (1.0 / seen.sum(-1, keepdim=True).clamp(min=1).float()).repeat_interleave(group_size, dim=1)
+    minor = (probs < bar).reshape(batch, heads // group_size, group_size, n_rows, length).all(2)
+    return minor & seen, seen
+
+
 def to_kv_heads(probs: torch.Tensor, group_size: int) -> torch.Tensor:
     """Average query-head rows over each KV head's group: [B, H, ...] -> [B, Hkv, ...]."""
     batch, heads = probs.shape[:2]
@@ -193,4 +214,15 @@ def sinks(layer: LayerCache, n_sink: int) -> torch.Tensor:
     return layer.positions < n_sink
 
 
-__all__ = ["ALL_ROWS", "EMPTY", "Budget", "Context", "Policy", "ScorerPolicy", "recent", "sinks", "top_capacity"]
+__all__ = [
+    "ALL_ROWS",
+    "EMPTY",
+    "Budget",
+    "Context",
+    "Policy",
+    "ScorerPolicy",
+    "below_uniform",
+    "recent",
+    "sinks",
+    "top_capacity",
+]

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kvbench.cache import EMPTY, LayerCache
+from kvbench.cache import LayerCache
 from kvbench.errors import UserError
-from kvbench.policies.base import Context, Policy, recent, top_capacity
+from kvbench.policies.base import Context, Policy, below_uniform, recent, top_capacity
 
 STREAK_MAX = torch.iinfo(torch.int16).max
 
@@ -56,18 +56,9 @@ class CORMPolicy(Policy):
 
     def observe(self, layer: LayerCache, probs: torch.Tensor, query_positions: torch.Tensor, ctx: Context) -> None:
         """Update every slot's streak with a block of rows probs [B, H, q, T], in query order."""
-        batch, heads, n_rows, length = probs.shape
-        query_pos = query_positions.long()  # [B, q]
-        # A row counts for a key only if the query saw it (padding rows and later keys of the chunk do not).
-        seen = layer.positions[:, :, None, :].long() <= query_pos[:, None, :, None]  # [B, Hkv, q, T]
-        seen &= (query_positions != EMPTY)[:, None, :, None]
-        if self.threshold == "step":
-            bar = 1.0 / (query_pos + 1).clamp(min=1).float()[:, None, :, None]  # [B, 1, q, 1]
-        else:
-            bar = 1.0 / seen.sum(-1, keepdim=True).clamp(min=1).float()  # [B, Hkv, q, 1]
-            bar = bar.repeat_interleave(ctx.group_size, dim=1)
-        important = (probs >= bar).reshape(batch, heads // ctx.group_size, ctx.group_size, n_rows, length).any(2)
-        important &= seen  # [B, Hkv, q, T]
+        n_rows = probs.shape[2]
+        minor, seen = below_uniform(layer, probs, query_positions, ctx.group_size, self.threshold)
+        important = seen & ~minor  # [B, Hkv, q, T]: important for at least one query head of the group
         rows = torch.arange(n_rows, device=probs.device)[:, None]  # [q, 1]
         last_important = torch.where(important, rows, -1).amax(2)  # [B, Hkv, T]
         trailing = (seen & (rows > last_important[:, :, None, :])).sum(2)  # minor rows after it

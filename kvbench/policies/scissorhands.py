@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kvbench.cache import EMPTY, LayerCache
+from kvbench.cache import LayerCache
 from kvbench.errors import UserError
-from kvbench.policies.base import Context, ScorerPolicy, recent
+from kvbench.policies.base import Context, ScorerPolicy, below_uniform, recent
 
 # Set bits of every byte value: popcount of a packed history by table lookup.
 _POPCOUNT = torch.tensor([bin(value).count("1") for value in range(256)], dtype=torch.int16)
@@ -49,16 +49,9 @@ class ScissorhandsPolicy(ScorerPolicy):
 
     def observe(self, layer: LayerCache, probs: torch.Tensor, query_positions: torch.Tensor, ctx: Context) -> None:
         """Write one ring bit per row of probs [B, H, q, T] for every slot: 1 = unimportant."""
-        batch, heads, n_rows, length = probs.shape
-        query_pos = query_positions.long()  # [B, q]
-        seen = layer.positions[:, :, None, :].long() <= query_pos[:, None, :, None]  # [B, Hkv, q, T]
-        seen &= (query_positions != EMPTY)[:, None, :, None]
-        if self.threshold == "step":
-            bar = 1.0 / (query_pos + 1).clamp(min=1).float()[:, None, :, None]
-        else:
-            bar = (1.0 / seen.sum(-1, keepdim=True).clamp(min=1).float()).repeat_interleave(ctx.group_size, dim=1)
-        below = (probs < bar).reshape(batch, heads // ctx.group_size, ctx.group_size, n_rows, length).all(2)
-        unimportant = (below & seen).to(torch.uint8)  # [B, Hkv, q, T]
+        n_rows = probs.shape[2]
+        minor, _ = below_uniform(layer, probs, query_positions, ctx.group_size, self.threshold)
+        unimportant = minor.to(torch.uint8)  # [B, Hkv, q, T]
         bits = layer.stat("scissorhands_bits", torch.uint8, ((self.window + 7) // 8,))  # [B, Hkv, T, bytes]
         # One ring index per layer: padding rows (left padding, before any real row) write zeros, so the
         # last ``window`` ring entries hold each example's last ``window`` real rows.

@@ -5,27 +5,15 @@ from __future__ import annotations
 import torch
 
 from kvbench.cache import LayerCache
-from kvbench.policies.base import Context
 from kvbench.policies.corm import CORMPolicy
+
+from .hand import context
 
 
 def cache(n_keys: int, heads: int = 1, dim: int = 4) -> LayerCache:
     layer = LayerCache()
     layer.append(torch.randn(1, heads, n_keys, dim), torch.randn(1, heads, n_keys, dim), torch.arange(n_keys)[None])
     return layer
-
-
-def context(seen: int, capacity: int | None = None, group_size: int = 1) -> Context:
-    return Context(
-        layer_idx=0,
-        n_layers=1,
-        phase="decode",
-        seen=torch.tensor([seen]),
-        prompt_lengths=torch.tensor([seen]),
-        capacity=None if capacity is None else torch.tensor([capacity]),
-        token_ids=torch.zeros(1, seen, dtype=torch.long),
-        group_size=group_size,
-    )
 
 
 def rows(*attention: list[float]) -> torch.Tensor:

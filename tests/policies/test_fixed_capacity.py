@@ -9,8 +9,10 @@ from kvbench.attention import Engine
 from kvbench.batching import collate
 from kvbench.cache import LayerCache
 from kvbench.generate import generate
-from kvbench.policies.base import Budget, Context
+from kvbench.policies.base import Budget
 from kvbench.policies.fixed_capacity import RULES, FixedCapacityPolicy
+
+from .hand import context
 
 
 def cache(keys: torch.Tensor, values: torch.Tensor | None = None) -> LayerCache:
@@ -19,19 +21,6 @@ def cache(keys: torch.Tensor, values: torch.Tensor | None = None) -> LayerCache:
     values = torch.randn_like(keys) if values is None else values
     layer.append(keys[None, None], values[None, None], torch.arange(keys.shape[0])[None])
     return layer
-
-
-def context(seen: int, capacity: int) -> Context:
-    return Context(
-        layer_idx=0,
-        n_layers=1,
-        phase="decode",
-        seen=torch.tensor([seen]),
-        prompt_lengths=torch.tensor([seen]),
-        capacity=torch.tensor([capacity]),
-        token_ids=torch.zeros(1, seen, dtype=torch.long),
-        group_size=1,
-    )
 
 
 def kept_positions(layer: LayerCache) -> list[int]:
