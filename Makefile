@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= results/runs/demo
 
-.PHONY: help install demo test lint figures slurm-up slurm-down
+.PHONY: help install demo test lint figures less-kernels slurm-up slurm-down
 
 help:
 	@echo "make install | demo | test | lint | figures | slurm-up | slurm-down"
@@ -39,6 +39,11 @@ test: install lint
 
 figures: install
 	$(PY) -m kvbench.plots results
+
+# LESS kernels for SmolLM2 (H2O base, budget 0.1), into ~/.cache/kvbench/less/ where configs/policy/less.yaml
+# looks: a scaled CPU run (12 windows of 512 tokens, 2 epochs); see scripts/train_less.py --help for the paper's.
+less-kernels: install
+	$(PY) scripts/train_less.py --lr 1e-2 --threads 2
 
 # A one-node Slurm cluster on this machine (root; installs slurm-wlm and munge if missing): see scripts/slurm.sh.
 SLURM_DIR ?= /tmp/kvbench-slurm
