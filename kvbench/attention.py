@@ -51,6 +51,7 @@ class Engine:
     token_ids: torch.Tensor | None = None  # [B, P] id at each position
     peak_nbytes: int = 0  # keys, values and side state (positions, statistics, policy state)
     peak_kv_nbytes: int = 0  # keys and values only
+    peak_decode_nbytes: int = 0  # everything held, during decode (the compressed cache while generating)
     shadow_keys: list[LayerCache] = field(default_factory=list)
     mass_sum: torch.Tensor | None = None  # [L, B, Hkv] attention mass retained, summed over decode steps
     mass_steps: int = 0
@@ -127,6 +128,8 @@ class Engine:
             policy.evict(layer, self.context(layer_idx))
         self.peak_nbytes = max(self.peak_nbytes, self.cache.nbytes())
         self.peak_kv_nbytes = max(self.peak_kv_nbytes, sum(layer.kv_nbytes() for layer in self.cache.layers))
+        if step.phase == "decode":
+            self.peak_decode_nbytes = max(self.peak_decode_nbytes, self.cache.nbytes())
         if layer_idx == self.n_layers - 1 and (step.phase == "decode" or step.evict):
             self._count_held()
         return out.transpose(1, 2).contiguous()

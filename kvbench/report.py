@@ -11,7 +11,8 @@ COLUMNS = (
     ("n", "n_examples", "{}"),
     ("score", "score", "{:.2f}"),
     ("kept", "kv_kept_fraction", "{:.3f}"),
-    ("KV MiB", "kv_bytes", "{:.1f}"),
+    ("KV MiB peak", "kv_bytes", "{:.1f}"),
+    ("KV MiB decode", "kv_bytes_decode", "{:.1f}"),
     ("prefill tok/s", "prefill_tokens_per_s", "{:.0f}"),
     ("decode tok/s", "decode_tokens_per_s", "{:.1f}"),
 )
@@ -21,7 +22,7 @@ def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
     value = row.get(key)
     if value is None:
         return "-"
-    if key == "kv_bytes":
+    if key.startswith("kv_bytes"):
         value = value / 2**20
     if key == "budget" and value is None:
         value = row.get("budget_tokens")
