@@ -88,7 +88,7 @@ def test_variant_goes_into_the_setting(tmp_path):
     root = tmp_path / "r"
     record = {"id": "a", "score": 1.0, "kv_kept_per_head": [[1.0]], "kv_kept_fraction": 1.0, "kv_bytes": 1}
     record.update(n_prompt_tokens=10, n_new_tokens=1, prefill_s=1, decode_s=1, ttft_s=1, attention_mass_retained=None)
-    record.update(kv_payload_bytes=1, prefill_peak_bytes=1, decode_peak_bytes=1)
+    record.update(kv_payload_bytes=1, kv_bytes_decode=1, prefill_peak_bytes=1, decode_peak_bytes=1)
     line = row("h", "snapkv", {"window": 8}, "passkey", [record], budget=0.5, protocol="query_agnostic")
     append_line(root / "results.jsonl", line)
     assert results.load(root)["setting"].tolist() == ["snapkv(window=8) [protocol=query_agnostic]"]
