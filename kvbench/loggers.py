@@ -12,11 +12,6 @@ from typing import Any
 class NoLogger:
     """Logs nothing anywhere."""
 
-    def resolved_group(self, cfg: Any, rows: list[dict[str, Any]]) -> str | None:
-        """``group``, else this run's ``sweep_id`` (the config's, then the rows'): one group per multirun."""
-        sweep_id = cfg.get("sweep_id") if hasattr(cfg, "get") else None
-        return self.group or sweep_id or next((row["sweep_id"] for row in rows if row.get("sweep_id")), None)
-
     def log_rows(self, cfg: Any, rows: list[dict[str, Any]]) -> None:
         """Receive the rows a run wrote."""
 
