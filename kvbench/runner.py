@@ -272,6 +272,7 @@ class Runner:
             "protocol": cfg.protocol,
             "n_examples": len(records),
             "score": task.aggregate(scores),
+            "score_breakdown": task.breakdown(scores, [record["meta"] for record in records]),
             "kv_kept_fraction": _mean([r["kv_kept_fraction"] for r in records]),
             "kv_kept_per_layer": per_layer,
             "attention_mass_retained": _mean(masses) if masses else None,

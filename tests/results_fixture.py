@@ -96,6 +96,7 @@ def row(config_hash: str, policy: str, params: dict[str, Any], task: str, record
         "protocol": "official",
         "n_examples": len(records),
         "score": 100 * sum(scores) / len(scores),
+        "score_breakdown": {},
         "kv_kept_fraction": sum(r["kv_kept_fraction"] for r in records) / len(records),
         "kv_kept_per_layer": np.mean([r["kv_kept_per_head"] for r in records], axis=(0, 2)).tolist(),
         "attention_mass_retained": sum(masses) / len(masses) if masses else None,

@@ -57,6 +57,16 @@ class Task:
         """Task score from per-example scores: 100 x mean, as LongBench and RULER report."""
         return 100.0 * sum(scores) / len(scores) if scores else float("nan")
 
+    def breakdown(self, scores: list[float], metas: list[dict[str, Any]]) -> dict[str, float]:
+        """Scores of slices of the task, written beside the task score in its row. The default: by target
+        length (and depth) when the examples record them, as the synthetic tasks' grids do."""
+        cells: dict[str, list[float]] = {}
+        for score, meta in zip(scores, metas, strict=True):
+            if "length" in meta:
+                key = f"length={meta['length']}" + (f",depth={meta['depth']}" if "depth" in meta else "")
+                cells.setdefault(key, []).append(score)
+        return {key: self.aggregate(values) for key, values in cells.items()}
+
     def check_data(self, data_dir: Path) -> None:
         """Raise a one-line UserError when the data this task needs is missing."""
         if self.needs_data and not Path(data_dir).is_dir():

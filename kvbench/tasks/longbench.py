@@ -165,6 +165,10 @@ class LongBenchTask(Task):
         """``round(100 * mean, 2)``, as eval.py reports a task."""
         return metrics.task_score(scores)
 
+    def breakdown(self, scores: list[float], metas: list[dict[str, Any]]) -> dict[str, float]:
+        """LongBench-E: the task score per length bucket (0-4k, 4-8k, 8k+ by the ``length`` field); v1: none."""
+        return metrics.bucket_scores(scores, [meta["length"] for meta in metas]) if self.e else {}
+
 
 @dataclass
 class LongBenchSuite(Task):

@@ -207,3 +207,11 @@ def test_suites_expand_to_one_task_per_subset(config, count, prefix):
     if config == "longbench_en":
         chinese = {"multifieldqa_zh", "dureader", "vcsum", "lsht", "passage_retrieval_zh"}
         assert {t.subset for t in tasks} == set(longbench.TASKS) - chinese
+
+
+def test_longbench_e_rows_carry_the_length_buckets():
+    task = LongBenchTask(subset="multi_news", e=True, name="longbench_e/multi_news")
+    metas = [{"length": 1200}, {"length": 3999}, {"length": 5000}, {"length": 9000}]
+    buckets = task.breakdown([1.0, 0.0, 0.5, 1.0], metas)
+    assert buckets == {"0-4k": 50.0, "4-8k": 50.0, "8k+": 100.0}
+    assert LongBenchTask(subset="multi_news").breakdown([1.0], [{"length": 10}]) == {}
