@@ -24,10 +24,10 @@ for step in $steps; do
       tasks=longbench/multi_news,longbench/multifieldqa_zh,longbench/passage_retrieval_zh
       kv -m task=$tasks limit=5 batch_size=5 results_dir=$out
       kv -m +policy=snapkv budget=0.3 task=$tasks limit=5 batch_size=5 results_dir=$out ;;
-    ruler)  # issue 5: RULER-style suite at 4k tokens (2 examples per task), full cache and two policies at 0.3
+    ruler)  # issue 5: RULER-style suite at 4k tokens (1 example per task), full cache and two policies at 0.3
       out=results/sweeps/ruler4k_smollm2
-      kv task=ruler limit=2 batch_size=2 results_dir=$out
-      kv -m +policy=snapkv,streaming_llm budget=0.3 task=ruler limit=2 batch_size=2 results_dir=$out ;;
+      kv task=ruler limit=1 results_dir=$out
+      kv -m +policy=snapkv,streaming_llm budget=0.3 task=ruler limit=1 results_dir=$out ;;
     bench)  # issue 3: decode-step time per policy at 4k on CPU, and the ragged-layout comparison
       $PY scripts/bench_decode.py --context 4096 --budget 0.3 --repeats 2 --out results/bench ;;
     *) echo "unknown step '$step'; valid: baselines longbench ruler bench seed" >&2; exit 2 ;;
