@@ -258,11 +258,13 @@ def _efficiency_figure(
 
 
 def memory_vs_budget(df: pd.DataFrame, lines: pd.DataFrame | None = None) -> Output:
-    """KV cache bytes (peak over the run, policy state included) and peak memory, overall and per phase."""
+    """KV cache bytes held while decoding and at the run's peak (policy state included; in whole-prompt mode
+    the peak comes before the prompt is compressed), and peak memory, overall and per phase."""
     kinds = df["peak_memory_kind"].dropna().unique() if "peak_memory_kind" in df else []
     kind = f" (peak memory: {kinds[0]})" if len(kinds) == 1 else ""
     panels = [
-        ("KV cache incl. policy state (MiB)", lambda p: p["kv_bytes"] / MIB),
+        ("KV cache held in decode (MiB)", lambda p: p["kv_bytes_decode"] / MIB),
+        ("KV cache, run peak (MiB)", lambda p: p["kv_bytes"] / MIB),
         ("peak memory (MiB)", lambda p: p["peak_memory_bytes"] / MIB),
         ("peak memory in prefill (MiB)", lambda p: p["peak_memory_prefill_bytes"] / MIB),
         ("peak memory in decode (MiB)", lambda p: p["peak_memory_decode_bytes"] / MIB),
