@@ -2,9 +2,19 @@
 
 kvbench registers its own attention function and calls the model with ``use_cache=False``, so transformers
 keeps no cache at all: each layer's attention receives the new (post-RoPE) keys and values, appends them to
-kvbench's ``LayerCache``, attends with SDPA (flash on GPU) using a mask derived from slot positions, computes
-the extra attention rows the policy asked for, and lets the policy evict. Nothing n x n is materialised:
-rows for statistics over all prompt queries are computed in blocks of ``ROW_BLOCK`` queries.
+kvbench's ``LayerCache``, attends, computes the extra attention rows the policy asked for, and lets the policy
+evict. Nothing n x n is materialised: rows for statistics over all prompt queries are computed in blocks of
+``ROW_BLOCK`` queries.
+
+Attention kernels (``attention=``): ``sdpa`` (default) gives SDPA the cheapest exact mask. When no slot and no
+query is empty, the visible keys of query i of a q-token step over T slots are exactly slots 0..T-q+i
+(everything held precedes the step, whose own keys were appended last in order), so the mask is no mask at all
+for a decode step and ``is_causal`` for a first prefill chunk, forms SDPA serves with its flash backend on GPU
+(later chunks: a lower-right causal bias without GQA; with GQA, whose lower-right dispatch SDPA does not cover
+on every backend, the boolean mask). Otherwise (left padding, ragged per-head caches) it gets the boolean mask
+of ``visible``.
+``flash_attention_2`` calls flash-attn's ``flash_attn_func`` (causal, which flash-attn aligns lower-right, GQA
+native) in the no-empty case and falls back to SDPA with the boolean mask otherwise.
 """
 
 from __future__ import annotations
@@ -12,9 +22,11 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from kvbench.cache import EMPTY, KVCache, LayerCache
 from kvbench.errors import UserError
@@ -22,6 +34,7 @@ from kvbench.policies.base import Budget, Context, Policy
 
 ATTENTION_NAME = "kvbench"
 ROW_BLOCK = 256
+KERNELS = ("sdpa", "flash_attention_2")
 
 
 @dataclass
@@ -43,6 +56,7 @@ class Engine:
     n_layers: int
     group_size: int
     diagnostics: bool = False
+    kernel: str = "sdpa"  # one of KERNELS
     cache: KVCache = field(init=False)
     step: Step | None = None
     prompt_lengths: torch.Tensor | None = None  # [B]
@@ -108,10 +122,7 @@ class Engine:
         layer = self.cache.layers[layer_idx]
         step = self.step
         layer.append(key, value, step.positions)
-        mask = visible(layer.positions, step.positions, self.group_size)
-        out = F.scaled_dot_product_attention(
-            query, layer.keys, layer.values, attn_mask=mask, scale=scale, enable_gqa=self.group_size > 1
-        )
+        out = attention(query, layer, step.positions, scale, self.group_size, self.kernel)
         if self.diagnostics:
             self._track_mass(layer_idx, query, key, scale)
         policy = self.policy
@@ -184,6 +195,39 @@ class Engine:
             self.mass_steps += 1
 
 
+def attention(
+    query: torch.Tensor, layer: LayerCache, query_positions: torch.Tensor, scale: float, group_size: int, kernel: str
+) -> torch.Tensor:
+    """Attention of ``query`` [B, H, q, D] over the layer's held slots with ``kernel``; returns [B, H, q, D]."""
+    if kernel == "flash_attention_2" and not has_empty(layer, query_positions):
+        from flash_attn import flash_attn_func
+
+        keys, values = layer.keys.transpose(1, 2), layer.values.transpose(1, 2)
+        out = flash_attn_func(query.transpose(1, 2), keys, values, softmax_scale=scale, causal=True)
+        return out.transpose(1, 2)
+    masking = sdpa_masking(layer, query_positions, group_size)
+    return F.scaled_dot_product_attention(
+        query, layer.keys, layer.values, scale=scale, enable_gqa=group_size > 1, **masking
+    )
+
+
+def has_empty(layer: LayerCache, query_positions: torch.Tensor) -> bool:
+    """Whether any slot of the layer or any query of the step is empty (padding, ragged heads)."""
+    return bool((layer.positions == EMPTY).any() | (query_positions == EMPTY).any())
+
+
+def sdpa_masking(layer: LayerCache, query_positions: torch.Tensor, group_size: int) -> dict[str, Any]:
+    """SDPA's masking arguments for a step (after its keys were appended): the cheapest exact form."""
+    q_len = query_positions.shape[-1]
+    if has_empty(layer, query_positions) or (group_size > 1 and 1 < q_len < layer.length):
+        return {"attn_mask": visible(layer.positions, query_positions, group_size)}
+    if q_len == 1:
+        return {}
+    if q_len == layer.length:
+        return {"is_causal": True}
+    return {"attn_mask": causal_lower_right(q_len, layer.length)}
+
+
 def visible(key_positions: torch.Tensor, query_positions: torch.Tensor, group_size: int) -> torch.Tensor:
     """Boolean SDPA mask [B, 1 or H, q, T]: a query sees the held keys at or before its position.
 
@@ -243,4 +287,14 @@ def attach(model: torch.nn.Module, engine: Engine) -> Iterator[Engine]:
             del module.kvbench_engine
 
 
-__all__ = ["Engine", "Step", "attach", "attention_probs", "visible"]
+__all__ = [
+    "KERNELS",
+    "Engine",
+    "Step",
+    "attach",
+    "attention",
+    "attention_probs",
+    "has_empty",
+    "sdpa_masking",
+    "visible",
+]

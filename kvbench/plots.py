@@ -604,12 +604,40 @@ def less_gap_recovered(df: pd.DataFrame, lines: pd.DataFrame | None = None) -> O
     return out
 
 
+def scores_by_length(df: pd.DataFrame, lines: pd.DataFrame | None = None) -> Output:
+    """Synthetic retrieval (passkey, needle) by context length: a row per (policy, budget), a column per
+    (task, length), each cell ``score (kept fraction)`` over that length's examples, per model."""
+    records = []
+    for _, row in df[df["task_family"] == "synthetic"].iterrows():
+        point = results.point_label(row["setting"], row["budget_label"])
+        for record in results.predictions(row):
+            length = (record.get("meta") or {}).get("length")
+            if length is not None and record.get("score") is not None:
+                kept = record.get("kv_kept_fraction", math.nan)
+                column = f"{row['task']} {int(length) // 1024}k"
+                records.append((row["model"], row["policy"] != "full", point, column, record["score"], kept))
+    out: Output = {}
+    if not records:
+        return out
+    frame = pd.DataFrame(records, columns=["model", "budgeted", "point", "column", "score", "kept"])
+    for model, per_model in frame.groupby("model", sort=True):
+        cells = per_model.groupby(["budgeted", "point", "column"], sort=True)[["score", "kept"]].mean()
+        cells["cell"] = [f"{100 * s:.0f} ({k:.2f})" for s, k in zip(cells["score"], cells["kept"], strict=True)]
+        table = cells["cell"].unstack("column").droplevel("budgeted").fillna("-")
+        table = table[sorted(table.columns, key=lambda c: (c.split()[0], int(c.split()[1][:-1])))]
+        table.index.name = "setting"
+        table.columns.name = None
+        out[f"table_scores_by_length__{safe(model)}"] = table
+    return out
+
+
 PAPER = {
     "fig_corm_compression_vs_length": (corm_compression_vs_length, "CORM compression vs sequence length"),
     "table_corm_longbench": (corm_longbench_table, "the CORM LongBench table"),
     "fig_fastgen_tradeoff": (fastgen_tradeoff, "the FastGen pruned-KV vs score trade-off"),
     "fig_less_gap_recovered": (less_gap_recovered, "the LESS share of the H2O gap recovered"),
     "table_snapkv_longbench": (snapkv_longbench_table, "the SnapKV LongBench table"),
+    "table_scores_by_length": (scores_by_length, "passkey and needle by context length"),
 }
 
 

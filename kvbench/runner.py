@@ -8,6 +8,7 @@ rerun of the same configuration skips finished rows and resumes a half-done task
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import platform
@@ -25,7 +26,7 @@ from tqdm import tqdm
 
 import kvbench
 from kvbench import models
-from kvbench.attention import Engine
+from kvbench.attention import KERNELS, Engine
 from kvbench.batching import PROTOCOLS, collate, encode
 from kvbench.errors import UserError
 from kvbench.generate import Batch, generate
@@ -36,7 +37,7 @@ from kvbench.store import ResultStore
 from kvbench.tasks.base import Example, Task
 
 # Keys that do not change what a run computes; they stay out of the configuration hash.
-UNHASHED = ("results_dir", "data_dir", "logger", "sweep_id", "batch_size", "diagnostics", "progress")
+UNHASHED = ("results_dir", "data_dir", "logger", "sweep_id", "batch_size", "diagnostics", "progress", "attention")
 
 
 @dataclass
@@ -68,6 +69,7 @@ def plan(cfg: DictConfig) -> Plan:
         raise UserError(f"prefill_eviction must be 'whole' or 'chunked', not '{cfg.prefill_eviction}'")
     if cfg.limit is not None and int(cfg.limit) < 1:
         raise UserError(f"limit must be a positive number of examples or null, got {cfg.limit}")
+    check_kernel(cfg.attention, cfg.device, cfg.dtype)
     spec = models.ModelSpec(**OmegaConf.to_container(cfg.model, resolve=True))
     models.check_available(spec)
     data_dir = Path(cfg.data_dir).expanduser()
@@ -82,6 +84,19 @@ def config_hash(cfg: DictConfig, task: Task) -> str:
     content = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in UNHASHED}
     content["task"] = {"name": task.name, **{k: v for k, v in vars(task).items() if not k.startswith("_")}}
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def check_kernel(kernel: str, device: str, dtype: str) -> None:
+    """``attention=flash_attention_2`` needs flash-attn installed, a CUDA device and a half-precision dtype."""
+    if kernel not in KERNELS:
+        raise UserError(f"unknown attention '{kernel}'; valid: {', '.join(KERNELS)}")
+    if kernel != "flash_attention_2":
+        return
+    if importlib.util.find_spec("flash_attn") is None:
+        raise UserError("attention=flash_attention_2 needs the flash-attn package (pip install flash-attn)")
+    resolved = resolve_device(device)
+    if resolved.type != "cuda" or resolve_dtype(dtype, resolved) not in (torch.bfloat16, torch.float16):
+        raise UserError("attention=flash_attention_2 runs on CUDA in bfloat16/float16; use attention=sdpa here")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -162,7 +177,10 @@ class Runner:
         generate(self.model, self.engine(FullCache(), Budget()), batch, 2, set(), chunk_size=self.plan.cfg.chunk_size)
 
     def engine(self, policy: Policy, budget: Budget) -> Engine:
-        return Engine(policy, budget, self.n_layers, self.group_size, diagnostics=bool(self.plan.cfg.diagnostics))
+        cfg = self.plan.cfg
+        return Engine(
+            policy, budget, self.n_layers, self.group_size, diagnostics=bool(cfg.diagnostics), kernel=cfg.attention
+        )
 
     def run_task(self, task: Task) -> dict[str, Any] | None:
         """Evaluate one task, resuming from predictions on disk; returns its row (None if already done)."""
@@ -290,6 +308,7 @@ class Runner:
             "wall_s": wall_s,
             "device": self.device.type,
             "dtype": str(self.dtype).removeprefix("torch."),
+            "attention": cfg.attention,
             "batch_size": int(cfg.batch_size),
             "limit": cfg.limit,
             "seed": int(cfg.seed),

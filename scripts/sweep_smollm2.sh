@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # The committed SmolLM2 results (CPU, fp32), in priority order. Every step is resumable: rerunning skips rows
 # already in results.jsonl and resumes half-done tasks from their flushed predictions.
-#   scripts/sweep_smollm2.sh [step ...]     steps: baselines longbench ruler bench seed
+#   scripts/sweep_smollm2.sh [step ...]     steps: baselines longbench ruler bench seed seed6k ruler_all
+# Two steps can share the 2 CPU cores as two single-threaded processes (OMP_NUM_THREADS=1); their speed columns
+# then describe that setting, and scripts/bench_decode.py (step bench, run alone) is the speed reference.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 kv() { $PY -m kvbench "$@" progress=false; }
-steps=${*:-baselines longbench ruler bench seed}
+steps=${*:-baselines longbench ruler bench seed seed6k ruler_all}
+less_kernels=${KVBENCH_CACHE:-$HOME/.cache/kvbench}/less/smollm2_135m_h2o_0.1/kernels.safetensors
+all_policies=random,knorm,streaming_llm,h2o,scissorhands,tova,snapkv,pyramidkv,corm,fixed_capacity
 for step in $steps; do
   case $step in
     baselines)  # issue 3: every baseline x budgets 0.1/0.3/0.5, passkey and needle at 2k/4k x 3 depths
@@ -14,11 +18,23 @@ for step in $steps; do
       kv -m task=passkey,needle batch_size=3 results_dir=$out
       kv -m +policy=random,knorm,streaming_llm,h2o,scissorhands,tova,snapkv,pyramidkv budget=0.1,0.3,0.5 \
         task=passkey,needle batch_size=3 results_dir=$out ;;
-    seed)  # issue 4: the seed papers' methods on the same grid (CORM native and capped, FastGen's T sweep)
+    seed)  # issue 4: the seed papers' methods on the same grid (CORM native and capped, FastGen's T sweep, LESS)
       out=results/sweeps/synthetic_smollm2
       kv -m +policy=corm,fixed_capacity budget=0.1,0.3,0.5 task=passkey,needle batch_size=3 results_dir=$out
       kv -m +policy=corm task=passkey,needle batch_size=3 results_dir=$out
-      kv -m +policy=fastgen policy.recovery=0.91,0.95,0.98 task=passkey,needle batch_size=3 results_dir=$out ;;
+      kv -m +policy=fastgen policy.recovery=0.91,0.93,0.95,0.98 task=passkey,needle batch_size=3 results_dir=$out
+      [ -f "$less_kernels" ] || make less-kernels
+      kv -m +policy=less budget=0.1 task=passkey,needle batch_size=3 results_dir=$out ;;
+    seed6k)  # issue 4: the same grid at 6k tokens (3 depths), every policy, so the table spans 2k-6k
+      out=results/sweeps/synthetic6k_smollm2
+      six='task.lengths=[6144]'
+      kv -m task=passkey,needle "$six" batch_size=3 results_dir=$out
+      kv -m +policy=$all_policies budget=0.1,0.3,0.5 task=passkey,needle "$six" batch_size=3 results_dir=$out
+      kv -m +policy=corm task=passkey,needle "$six" batch_size=3 results_dir=$out
+      kv -m +policy=fastgen policy.recovery=0.91,0.93,0.95,0.98 task=passkey,needle "$six" batch_size=3 \
+        results_dir=$out
+      [ -f "$less_kernels" ] || make less-kernels
+      kv -m +policy=less budget=0.1 task=passkey,needle "$six" batch_size=3 results_dir=$out ;;
     longbench)  # issue 5: the three offline LongBench tasks, official protocol, full cache and SnapKV at 0.3
       out=results/sweeps/longbench_smollm2
       tasks=longbench/multi_news,longbench/multifieldqa_zh,longbench/passage_retrieval_zh
@@ -28,8 +44,20 @@ for step in $steps; do
       out=results/sweeps/ruler4k_smollm2
       kv task=ruler limit=1 results_dir=$out
       kv -m +policy=snapkv,streaming_llm budget=0.3 task=ruler limit=1 results_dir=$out ;;
+    ruler_all)  # issue 6: the RULER-style suite at 2k and 4k (1 example per task) for every policy, budget 0.3
+      # first, then 0.1 and 0.5
+      for length in 2048 4096; do
+        out=results/sweeps/ruler$((length / 1024))k_smollm2
+        kv task=ruler "task.lengths=[$length]" limit=1 results_dir=$out
+        kv -m +policy=fastgen task=ruler "task.lengths=[$length]" limit=1 results_dir=$out
+        kv -m +policy=$all_policies budget=0.3 task=ruler "task.lengths=[$length]" limit=1 results_dir=$out
+      done
+      for length in 2048 4096; do
+        out=results/sweeps/ruler$((length / 1024))k_smollm2
+        kv -m +policy=$all_policies budget=0.1,0.5 task=ruler "task.lengths=[$length]" limit=1 results_dir=$out
+      done ;;
     bench)  # issue 3: decode-step time per policy at 4k on CPU, and the ragged-layout comparison
       $PY scripts/bench_decode.py --context 4096 --budget 0.3 --repeats 2 --out results/bench ;;
-    *) echo "unknown step '$step'; valid: baselines longbench ruler bench seed" >&2; exit 2 ;;
+    *) echo "unknown step '$step'; valid: baselines longbench ruler bench seed seed6k ruler_all" >&2; exit 2 ;;
   esac
 done

@@ -1,9 +1,10 @@
 """A small synthetic results dir with the runner's row and prediction schemas (no model involved).
 
-One model, four LongBench tasks (one Chinese), and the policies the paper figures need: the full cache, SnapKV
-and H2O at fractional budgets, LESS (wrapping H2O), StreamingLLM at token budgets, CORM and FastGen without a
-budget. Scores fall with the budget so curves have a shape; H2O/LESS/CORM/FastGen keep different fractions per
-head (ragged). A second, nested ``results.jsonl`` repeats one row with an older timestamp (de-duplication).
+One model, four LongBench tasks (one Chinese) and passkey (examples at 2k and 4k), and the policies the paper
+figures need: the full cache, SnapKV and H2O at fractional budgets, LESS (wrapping H2O), StreamingLLM at token
+budgets, CORM and FastGen without a budget. Scores fall with the budget so curves have a shape;
+H2O/LESS/CORM/FastGen keep different fractions per head (ragged). A second, nested ``results.jsonl`` repeats one
+row with an older timestamp (de-duplication).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import numpy as np
 
 MODEL = "tiny_random_llama"
-TASKS = ("longbench/qasper", "longbench/hotpotqa", "longbench/trec", "longbench/dureader")
+TASKS = ("longbench/qasper", "longbench/hotpotqa", "longbench/trec", "longbench/dureader", "passkey")
 N_LAYERS, N_KV_HEADS = 4, 2
 FULL_BYTES = 4_000_000
 
@@ -57,7 +58,7 @@ def _record(rng, index: int, task: str, n_prompt: int, kept: float, ragged: bool
         "prediction": f"answer {index}",
         "answers": [f"answer {index}"],
         "score": float(np.clip(quality + rng.normal(0, 0.15), 0, 1)),
-        "meta": {},
+        "meta": {"length": 2048 * (1 + index % 2)} if task == "passkey" else {},
         "n_prompt_tokens": n_prompt,
         "n_new_tokens": 8,
         "kv_kept_fraction": float(heads.mean()),
@@ -91,7 +92,7 @@ def row(config_hash: str, policy: str, params: dict[str, Any], task: str, record
         "budget": None,
         "budget_tokens": None,
         "task": task,
-        "task_family": "longbench",
+        "task_family": "synthetic" if task == "passkey" else "longbench",
         "task_version": "1",
         "protocol": "official",
         "n_examples": len(records),
@@ -114,6 +115,7 @@ def row(config_hash: str, policy: str, params: dict[str, Any], task: str, record
         "wall_s": prefill_s + decode_s,
         "device": "cpu",
         "dtype": "float32",
+        "attention": "sdpa",
         "batch_size": 1,
         "limit": len(records),
         "seed": 0,

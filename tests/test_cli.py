@@ -31,6 +31,8 @@ BAD_INPUTS = [
     (["task=needle", "data_dir=/nonexistent/data"], "task 'needle' needs the essays in /nonexistent/data"),
     (["model=llama2_7b_chat", "model.path=/nonexistent/llama"], "directory /nonexistent/llama does not exist"),
     (["model.gguf_package=not_installed_pkg"], "needs the package 'not_installed_pkg'"),
+    (["attention=eager"], "unknown attention 'eager'; valid: sdpa, flash_attention_2"),
+    (["attention=flash_attention_2"], "attention=flash_attention_2 needs the flash-attn package"),
 ]
 
 

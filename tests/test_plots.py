@@ -148,6 +148,18 @@ def test_snapkv_table_layout(fixture_dir):
     assert table.loc["All KV", "Avg"] == pytest.approx(table.loc["All KV", ["Qsp", "HQA", "TREC"]].mean())
 
 
+def test_scores_by_length_table(fixture_dir):
+    df = results.load(fixture_dir)
+    table = plots.scores_by_length(df)[f"table_scores_by_length__{plots.safe(MODEL)}"]
+    assert list(table.columns) == ["passkey 2k", "passkey 4k"]
+    assert table.index[0] == "full" and "snapkv(window=32,kernel=7) @ 0.3" in table.index
+    row = df[(df["task"] == "passkey") & (df["policy"] == "snapkv") & (df["budget_x"] == 0.3)].iloc[0]
+    at_4k = [r for r in results.predictions(row) if r["meta"]["length"] == 4096]
+    score = 100 * sum(r["score"] for r in at_4k) / len(at_4k)
+    kept = sum(r["kv_kept_fraction"] for r in at_4k) / len(at_4k)
+    assert table.loc["snapkv(window=32,kernel=7) @ 0.3", "passkey 4k"] == f"{score:.0f} ({kept:.2f})"
+
+
 def test_figures_from_one_task_and_from_one_row(tmp_path):
     root = write_results(tmp_path / "r", n_examples=2)
     df = results.load(root)
