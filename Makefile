@@ -37,7 +37,9 @@ lint: install
 test: install lint
 	$(PY) -m pytest -q
 
+# Every committed sweep's summary tables and figures, then the figures and paper tables over all of results/.
 figures: install
+	for dir in results/sweeps/*/; do $(PY) -m kvbench.results $$dir && $(PY) -m kvbench.plots $$dir || exit 1; done
 	$(PY) -m kvbench.plots results
 
 # LESS kernels for SmolLM2 (H2O base, budget 0.1), into ~/.cache/kvbench/less/ where configs/policy/less.yaml

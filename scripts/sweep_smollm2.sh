@@ -25,16 +25,19 @@ for step in $steps; do
       kv -m +policy=fastgen policy.recovery=0.91,0.93,0.95,0.98 task=passkey,needle batch_size=3 results_dir=$out
       [ -f "$less_kernels" ] || make less-kernels
       kv -m +policy=less budget=0.1 task=passkey,needle batch_size=3 results_dir=$out ;;
-    seed6k)  # issue 4: the same grid at 6k tokens (3 depths), every policy, so the table spans 2k-6k
+    seed6k)  # issue 4: the table's policies at 6k tokens (3 depths), so its grid spans 2k-6k; budget 0.3 first
       out=results/sweeps/synthetic6k_smollm2
       six='task.lengths=[6144]'
+      table=h2o,streaming_llm,snapkv,tova,corm,fixed_capacity
+      kv -m +policy=$table budget=0.3 task=passkey,needle "$six" batch_size=3 results_dir=$out
       kv -m task=passkey,needle "$six" batch_size=3 results_dir=$out
-      kv -m +policy=$all_policies budget=0.1,0.3,0.5 task=passkey,needle "$six" batch_size=3 results_dir=$out
-      kv -m +policy=corm task=passkey,needle "$six" batch_size=3 results_dir=$out
-      kv -m +policy=fastgen policy.recovery=0.91,0.93,0.95,0.98 task=passkey,needle "$six" batch_size=3 \
-        results_dir=$out
       [ -f "$less_kernels" ] || make less-kernels
-      kv -m +policy=less budget=0.1 task=passkey,needle "$six" batch_size=3 results_dir=$out ;;
+      kv -m +policy=less budget=0.1 task=passkey,needle "$six" batch_size=3 results_dir=$out
+      kv -m +policy=corm task=passkey,needle "$six" batch_size=3 results_dir=$out
+      kv -m +policy=fastgen policy.recovery=0.95 task=passkey,needle "$six" batch_size=3 results_dir=$out
+      kv -m +policy=$table budget=0.1,0.5 task=passkey,needle "$six" batch_size=3 results_dir=$out
+      kv -m +policy=fastgen policy.recovery=0.91,0.93,0.98 task=passkey,needle "$six" batch_size=3 \
+        results_dir=$out ;;
     longbench)  # issue 5: the three offline LongBench tasks, official protocol, full cache and SnapKV at 0.3
       out=results/sweeps/longbench_smollm2
       tasks=longbench/multi_news,longbench/multifieldqa_zh,longbench/passage_retrieval_zh
