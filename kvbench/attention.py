@@ -199,13 +199,14 @@ def attention(
     query: torch.Tensor, layer: LayerCache, query_positions: torch.Tensor, scale: float, group_size: int, kernel: str
 ) -> torch.Tensor:
     """Attention of ``query`` [B, H, q, D] over the layer's held slots with ``kernel``; returns [B, H, q, D]."""
-    if kernel == "flash_attention_2" and not has_empty(layer, query_positions):
+    empty = has_empty(layer, query_positions)
+    if kernel == "flash_attention_2" and not empty:
         from flash_attn import flash_attn_func
 
         keys, values = layer.keys.transpose(1, 2), layer.values.transpose(1, 2)
         out = flash_attn_func(query.transpose(1, 2), keys, values, softmax_scale=scale, causal=True)
         return out.transpose(1, 2)
-    masking = sdpa_masking(layer, query_positions, group_size)
+    masking = sdpa_masking(layer, query_positions, group_size, empty)
     return F.scaled_dot_product_attention(
         query, layer.keys, layer.values, scale=scale, enable_gqa=group_size > 1, **masking
     )
@@ -216,10 +217,13 @@ def has_empty(layer: LayerCache, query_positions: torch.Tensor) -> bool:
     return bool((layer.positions == EMPTY).any() | (query_positions == EMPTY).any())
 
 
-def sdpa_masking(layer: LayerCache, query_positions: torch.Tensor, group_size: int) -> dict[str, Any]:
-    """SDPA's masking arguments for a step (after its keys were appended): the cheapest exact form."""
+def sdpa_masking(layer: LayerCache, query_positions: torch.Tensor, group_size: int, empty: bool) -> dict[str, Any]:
+    """SDPA's masking arguments for a step (after its keys were appended): the cheapest exact form.
+
+    ``empty`` is ``has_empty(layer, query_positions)``, computed once per step by the caller.
+    """
     q_len = query_positions.shape[-1]
-    if has_empty(layer, query_positions) or (group_size > 1 and 1 < q_len < layer.length):
+    if empty or (group_size > 1 and 1 < q_len < layer.length):
         return {"attn_mask": visible(layer.positions, query_positions, group_size)}
     if q_len == 1:
         return {}

@@ -614,19 +614,18 @@ def scores_by_length(df: pd.DataFrame, lines: pd.DataFrame | None = None) -> Out
             length = (record.get("meta") or {}).get("length")
             if length is not None and record.get("score") is not None:
                 kept = record.get("kv_kept_fraction", math.nan)
-                column = f"{row['task']} {int(length) // 1024}k"
-                records.append((row["model"], row["policy"] != "full", point, column, record["score"], kept))
+                budgeted = row["policy"] != "full"
+                records.append((row["model"], budgeted, point, row["task"], int(length), record["score"], kept))
     out: Output = {}
     if not records:
         return out
-    frame = pd.DataFrame(records, columns=["model", "budgeted", "point", "column", "score", "kept"])
+    frame = pd.DataFrame(records, columns=["model", "budgeted", "point", "task", "length", "score", "kept"])
     for model, per_model in frame.groupby("model", sort=True):
-        cells = per_model.groupby(["budgeted", "point", "column"], sort=True)[["score", "kept"]].mean()
+        cells = per_model.groupby(["budgeted", "point", "task", "length"], sort=True)[["score", "kept"]].mean()
         cells["cell"] = [f"{100 * s:.0f} ({k:.2f})" for s, k in zip(cells["score"], cells["kept"], strict=True)]
-        table = cells["cell"].unstack("column").droplevel("budgeted").fillna("-")
-        table = table[sorted(table.columns, key=lambda c: (c.split()[0], int(c.split()[1][:-1])))]
+        table = cells["cell"].unstack(["task", "length"]).droplevel("budgeted").sort_index(axis=1).fillna("-")
+        table.columns = [f"{task} {length // 1024}k" for task, length in table.columns]
         table.index.name = "setting"
-        table.columns.name = None
         out[f"table_scores_by_length__{safe(model)}"] = table
     return out
 

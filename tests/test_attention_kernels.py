@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kvbench.attention import Engine, attention, sdpa_masking, visible
+from kvbench.attention import Engine, attention, has_empty, sdpa_masking, visible
 from kvbench.batching import collate
 from kvbench.cache import EMPTY, LayerCache
 from kvbench.generate import generate
@@ -54,7 +54,7 @@ CASES = {
 def test_cheap_masks_equal_the_boolean_mask(case):
     held, q_len, group = CASES[case]
     query, layer, step = _step(held, q_len, group)
-    masking = sdpa_masking(layer, step, group)
+    masking = sdpa_masking(layer, step, group, has_empty(layer, step))
     expected = {
         "decode after eviction": "none",
         "first chunk": "is_causal",
@@ -72,11 +72,12 @@ def test_empty_slots_or_padding_get_the_boolean_mask():
     query = torch.randn(2, HEADS, 1, DIM)
     step = torch.tensor([[3], [3]])
     group = HEADS // KV_HEADS
-    assert sdpa_masking(layer, step, group)["attn_mask"].dtype == torch.bool
+    assert sdpa_masking(layer, step, group, has_empty(layer, step))["attn_mask"].dtype == torch.bool
     out = attention(query, layer, step, DIM**-0.5, group, "sdpa")
     torch.testing.assert_close(out, _reference(query, layer, step, group))
     padded_query = torch.tensor([[EMPTY], [3]])
-    assert sdpa_masking(_layer([[0, 1, 2, 3], [0, 1, 2, 3]]), padded_query, group)["attn_mask"].dtype == torch.bool
+    full = _layer([[0, 1, 2, 3], [0, 1, 2, 3]])
+    assert sdpa_masking(full, padded_query, group, has_empty(full, padded_query))["attn_mask"].dtype == torch.bool
 
 
 def _reference_flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False):
