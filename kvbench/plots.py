@@ -71,7 +71,8 @@ def save(outputs: Output, out_dir: str | Path, formats: tuple[str, ...] = FORMAT
     for stem, item in outputs.items():
         if isinstance(item, Figure):
             for suffix in formats:
-                item.savefig(out / f"{stem}.{suffix}", dpi=150, bbox_inches="tight")
+                stamp = {"CreationDate": None} if suffix == "pdf" else None  # byte-identical on regeneration
+                item.savefig(out / f"{stem}.{suffix}", dpi=150, bbox_inches="tight", metadata=stamp)
                 written.append(out / f"{stem}.{suffix}")
         else:
             (out / f"{stem}.md").write_text(results.markdown(item))

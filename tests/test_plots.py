@@ -178,3 +178,13 @@ def test_plots_never_import_a_model_stack():
     code = f"import sys, kvbench.plots, kvbench.results; print(sorted({modules} & set(sys.modules)))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert done.stdout.strip() == "[]", done.stderr
+
+
+def test_regenerated_figures_are_byte_identical(fixture_dir, tmp_path):
+    """``make figures`` over unchanged results leaves git clean: no timestamps in the PDFs or PNGs."""
+    outputs = plots.score_vs_budget(results.load(fixture_dir))
+    first = plots.save(outputs, tmp_path / "a")
+    second = plots.save(plots.score_vs_budget(results.load(fixture_dir)), tmp_path / "b")
+    assert {path.suffix for path in first} == {".png", ".pdf"}
+    for a, b in zip(first, second, strict=True):
+        assert a.read_bytes() == b.read_bytes(), a.name
