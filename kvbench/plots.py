@@ -52,6 +52,8 @@ SNAPKV_COLUMNS = {
     "lcc": "Lcc",
     "repobench-p": "RB-P",
 }
+# LESS's ``base`` parameter -> the kvbench policy that holds the same sparse set.
+LESS_BASES = {"lambda": "streaming_llm"}
 # FastGen's recovery ratio T, under either name a policy may give it.
 FASTGEN_T = ("recovery", "T")
 MIB = 2**20
@@ -518,11 +520,13 @@ def fastgen_tradeoff(df: pd.DataFrame, lines: pd.DataFrame | None = None) -> Out
 
 
 def _matching_base(less: pd.Series, lines: pd.DataFrame) -> pd.Series | None:
-    """The line LESS is compared with: its sparse base policy (``base`` param, H2O by default) at the same task,
-    budget and variant, preferring the one whose parameters LESS shares (``recent_fraction``, ...)."""
+    """The line LESS is compared with: its sparse base policy (``base`` param, H2O by default; Lambda is
+    StreamingLLM's cache) at the same task, budget and variant, preferring the one whose parameters LESS shares
+    (``recent_fraction``, ...)."""
     params = less["policy_params"] if isinstance(less["policy_params"], dict) else {}
+    base = params.get("base", "h2o")
     same = lines[
-        (lines["policy"] == params.get("base", "h2o"))
+        (lines["policy"] == LESS_BASES.get(base, base))
         & (lines["task"] == less["task"])
         & (lines["budget_kind"] == less["budget_kind"])
         & (lines["budget_label"] == less["budget_label"])
@@ -539,8 +543,8 @@ def _matching_base(less: pd.Series, lines: pd.DataFrame) -> pd.Series | None:
 
 
 def less_gap_table(lines: pd.DataFrame) -> pd.DataFrame:
-    """Per model, task (and average) and budget: full, base (H2O) and LESS scores and the share of the gap that
-    LESS recovers, ``(less - h2o) / (full - h2o)`` in percent (NaN when the base matches the full cache)."""
+    """Per model, task (and average) and budget: full, base and LESS scores and the share of the gap that
+    LESS recovers, ``(less - base) / (full - base)`` in percent (NaN when the base matches the full cache)."""
     rows = []
     for _, less in lines[lines["policy"] == "less"].iterrows():
         per_model = lines[lines["model"] == less["model"]]

@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # The committed SmolLM2 results (CPU, fp32), in priority order. Every step is resumable: rerunning skips rows
 # already in results.jsonl and resumes half-done tasks from their flushed predictions.
-#   scripts/sweep_smollm2.sh [step ...]     steps: baselines longbench ruler bench seed seed6k ruler_all
+#   scripts/sweep_smollm2.sh [step ...]     steps: baselines longbench ruler bench seed seed6k ruler_all less
 # Two steps can share the 2 CPU cores as two single-threaded processes (OMP_NUM_THREADS=1); their speed columns
 # then describe that setting, and scripts/bench_decode.py (step bench, run alone) is the speed reference.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 kv() { $PY -m kvbench "$@" progress=false; }
-steps=${*:-baselines longbench ruler bench seed seed6k ruler_all}
-less_kernels=${KVBENCH_CACHE:-$HOME/.cache/kvbench}/less/smollm2_135m_h2o_0.1/kernels.safetensors
+steps=${*:-baselines longbench ruler bench seed seed6k ruler_all less}
+kernels_root=${KVBENCH_CACHE:-$HOME/.cache/kvbench}/less
+less_kernels=$kernels_root/smollm2_135m_h2o_0.1/kernels.safetensors
 all_policies=random,knorm,streaming_llm,h2o,scissorhands,tova,snapkv,pyramidkv,corm,fixed_capacity
 for step in $steps; do
   case $step in
@@ -59,8 +60,29 @@ for step in $steps; do
         out=results/sweeps/ruler$((length / 1024))k_smollm2
         kv -m +policy=$all_policies budget=0.1,0.5 task=ruler "task.lengths=[$length]" limit=1 results_dir=$out
       done ;;
+    less)  # issue 4: LESS beyond the default kernels: H2O base at 0.3 / 0.5 (2k-6k), Lambda base at 0.3 (2k/4k),
+      # and LESS vs H2O at 0.1 on LongBench multi_news (ROUGE-L, the paper's kind of task)
+      for b in 0.3 0.5; do
+        [ -f "$kernels_root/smollm2_135m_h2o_$b/kernels.safetensors" ] ||
+          $PY scripts/train_less.py --base h2o --budget $b --lr 1e-2 --threads 1
+        kv -m +policy=less budget=$b policy.kernels=$kernels_root/smollm2_135m_h2o_$b task=passkey,needle \
+          batch_size=3 results_dir=results/sweeps/synthetic_smollm2
+        kv -m +policy=less budget=$b policy.kernels=$kernels_root/smollm2_135m_h2o_$b task=passkey,needle \
+          'task.lengths=[6144]' batch_size=3 results_dir=results/sweeps/synthetic6k_smollm2
+      done
+      for suffix in "" _w24x1024e6; do  # the script's defaults, then 24 windows x 1024 tokens x 6 epochs
+        lambda_kernels=$kernels_root/smollm2_135m_lambda_0.3$suffix
+        [ -z "$suffix" ] && train=() || train=(--windows 24 --window-tokens 1024 --epochs 6 --out "$lambda_kernels")
+        [ -f "$lambda_kernels/kernels.safetensors" ] ||
+          $PY scripts/train_less.py --base lambda --budget 0.3 --threads 1 "${train[@]}"
+        kv -m +policy=less policy.base=lambda policy.kernels=$lambda_kernels budget=0.3 task=passkey,needle \
+          results_dir=results/sweeps/synthetic_smollm2
+      done
+      [ -f "$less_kernels" ] || make less-kernels
+      kv -m +policy=h2o,less budget=0.1 task=longbench/multi_news limit=5 batch_size=5 \
+        results_dir=results/sweeps/longbench_smollm2 ;;
     bench)  # issue 3: decode-step time per policy at 4k on CPU, and the ragged-layout comparison
       $PY scripts/bench_decode.py --context 4096 --budget 0.3 --repeats 2 --out results/bench ;;
-    *) echo "unknown step '$step'; valid: baselines longbench ruler bench seed seed6k ruler_all" >&2; exit 2 ;;
+    *) echo "unknown step '$step'; valid: baselines longbench ruler bench seed seed6k ruler_all less" >&2; exit 2 ;;
   esac
 done

@@ -128,6 +128,17 @@ def test_less_gap_recovered_values(fixture_dir):
     assert row["gap_recovered_pct"] == pytest.approx(100 * (less - h2o) / (full - h2o))
 
 
+def test_less_lambda_base_is_compared_with_streaming_llm(fixture_dir):
+    """The fixture's H2O lines relabelled as StreamingLLM: a Lambda-base LESS finds them, an H2O-base one not."""
+    lines = results.summary(results.load(fixture_dir))
+    lines["policy"] = lines["policy"].replace({"h2o": "streaming_llm"})
+    less = lines[lines["policy"] == "less"].copy()
+    assert plots.less_gap_table(lines).empty
+    less["policy_params"] = [{**params, "base": "lambda"} for params in less["policy_params"]]
+    table = plots.less_gap_table(pd.concat([lines[lines["policy"] != "less"], less]))
+    assert len(table) == len(less) > 0
+
+
 def test_corm_longbench_table_layout(fixture_dir):
     table = next(iter(plots.corm_longbench_table(results.load(fixture_dir)).values()))
     assert list(table.columns)[0] == "full"
