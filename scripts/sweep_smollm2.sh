@@ -61,7 +61,8 @@ for step in $steps; do
         kv -m +policy=$all_policies budget=0.1,0.5 task=ruler "task.lengths=[$length]" limit=1 results_dir=$out
       done ;;
     less)  # issue 4: LESS beyond the default kernels: H2O base at 0.3 / 0.5 (2k-6k), Lambda base at 0.3 (2k/4k),
-      # and LESS vs H2O at 0.1 on LongBench multi_news (ROUGE-L, the paper's kind of task)
+      # LESS vs H2O at 0.1 on LongBench multi_news (ROUGE-L, the paper's kind of task), and H2O 0.1 kernels
+      # trained on longer windows
       for b in 0.3 0.5; do
         [ -f "$kernels_root/smollm2_135m_h2o_$b/kernels.safetensors" ] ||
           $PY scripts/train_less.py --base h2o --budget $b --lr 1e-2 --threads 1
@@ -80,7 +81,14 @@ for step in $steps; do
       done
       [ -f "$less_kernels" ] || make less-kernels
       kv -m +policy=h2o,less budget=0.1 task=longbench/multi_news limit=5 batch_size=5 \
-        results_dir=results/sweeps/longbench_smollm2 ;;
+        results_dir=results/sweeps/longbench_smollm2
+      long_kernels=$kernels_root/smollm2_135m_h2o_0.1_w12x2048e4  # H2O 0.1 trained on 2048-token windows
+      [ -f "$long_kernels/kernels.safetensors" ] || $PY scripts/train_less.py --base h2o --budget 0.1 --lr 1e-2 \
+        --threads 1 --windows 12 --window-tokens 2048 --epochs 4 --out "$long_kernels"
+      kv -m +policy=less budget=0.1 policy.kernels=$long_kernels task=longbench/multi_news limit=5 batch_size=5 \
+        results_dir=results/sweeps/longbench_smollm2
+      kv -m +policy=less budget=0.1 policy.kernels=$long_kernels task=passkey,needle batch_size=3 \
+        results_dir=results/sweeps/synthetic_smollm2 ;;
     bench)  # issue 3: decode-step time per policy at 4k on CPU, and the ragged-layout comparison
       $PY scripts/bench_decode.py --context 4096 --budget 0.3 --repeats 2 --out results/bench ;;
     *) echo "unknown step '$step'; valid: baselines longbench ruler bench seed seed6k ruler_all less" >&2; exit 2 ;;
