@@ -543,8 +543,9 @@ def _matching_base(less: pd.Series, lines: pd.DataFrame) -> pd.Series | None:
 
 
 def less_gap_table(lines: pd.DataFrame) -> pd.DataFrame:
-    """Per model, task (and average) and budget: full, base and LESS scores and the share of the gap that
-    LESS recovers, ``(less - base) / (full - base)`` in percent (NaN when the base matches the full cache)."""
+    """Per model, task (and average) and budget: full, base and LESS scores, LESS - base, and the share of the gap
+    that LESS recovers, ``(less - base) / (full - base)`` in percent (NaN when the base is not below the full
+    cache: there is no gap to recover)."""
     rows = []
     for _, less in lines[lines["policy"] == "less"].iterrows():
         per_model = lines[lines["model"] == less["model"]]
@@ -564,10 +565,12 @@ def less_gap_table(lines: pd.DataFrame) -> pd.DataFrame:
                 "full": full["score"].iloc[0],
                 "base_score": base["score"],
                 "less_score": less["score"],
-                "gap_recovered_pct": 100 * (less["score"] - base["score"]) / gap if abs(gap) > 1e-9 else math.nan,
+                "less_minus_base": less["score"] - base["score"],
+                "gap_recovered_pct": 100 * (less["score"] - base["score"]) / gap if gap > 1e-9 else math.nan,
             }
         )
-    columns = ["model", "task", "less", "budget", "base", "full", "base_score", "less_score", "gap_recovered_pct"]
+    columns = ["model", "task", "less", "budget", "base", "full", "base_score", "less_score", "less_minus_base"]
+    columns.append("gap_recovered_pct")
     return pd.DataFrame(rows, columns=columns)
 
 

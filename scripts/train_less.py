@@ -10,6 +10,12 @@ between O and o_proj(combined attention), where keys outside the base policy's s
 phi(q) psi(k); Adam lr 1e-3, StepLR(10 epochs, 0.5), dropout 0.3 on the first kernel layer, 90/10 split of the
 windows, best-validation state per layer. The manifest also holds, per layer, the validation MSE of the plain
 base policy and of the base at the same memory (``plus``: capacity + R/2 tokens, the paper's "Baseline+").
+Validation windows come from the corpus's last tenth and training windows from the rest, so they share no text.
+The softmax terms over the held keys carry no parameter and are computed once per layer; with the Lambda base the
+state's sums over a row's evicted range are differences of prefix sums, so no N x N tensor is built and windows
+of the model's full length (the paper's choice) are affordable. ``--loss-rows`` samples the rows of each step
+(deviation: the paper counts every row). ``--evaluate KERNELS`` trains nothing and measures saved kernels on
+held-out windows of ``--window-tokens`` (e.g. longer than they were trained on).
 
 Sparse mask (``--mask``): ``prefill`` (default) gives every row t the set the engine holds at the first decode
 step after a t-token prompt (H2O: top floor(budget t) by column sums of full attention over rows < t, recent
@@ -28,15 +34,17 @@ import random
 import socket
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from kvbench.attention import ROW_BLOCK
 from kvbench.config import model_spec
 from kvbench.models import load
 from kvbench.policies.base import Budget, top_capacity
-from kvbench.policies.less import Kernels, default_kernels_dir
+from kvbench.policies.less import Kernels, default_kernels_dir, load_kernels
 
 CAPTURE = "less_capture"
 C4_FILE = "en/c4-train.00000-of-01024.json.gz"
@@ -60,11 +68,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dropout", type=float, default=0.3)
     parser.add_argument("--mask", choices=("prefill", "sequential"), default="prefill")
     parser.add_argument("--loss-from", type=int, default=64, help="first position counted in the loss")
+    parser.add_argument("--loss-rows", type=int, default=0, help="rows per training step, sampled (0: all)")
     parser.add_argument("--layers", default=None, help="comma-separated layer indices (default: all)")
     parser.add_argument("--layers-per-pass", type=int, default=30, help="layers captured per pass over the data")
     parser.add_argument("--data-dir", default=os.environ.get("KVBENCH_DATA_DIR", "../shared/data"))
     parser.add_argument("--corpus", choices=("auto", "c4", "local"), default="auto")
     parser.add_argument("--out", default=None)
+    parser.add_argument(
+        "--evaluate",
+        default=None,
+        metavar="KERNELS",
+        help="no training: held-out MSE of these kernels at --window-tokens, to --out (JSON)",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
@@ -108,16 +123,30 @@ def corpus_texts(args: argparse.Namespace, needed_chars: int) -> tuple[list[str]
     return texts, f"local {haystack}/PaulGrahamEssays/*.txt"
 
 
-def make_windows(tokenizer, texts: list[str], n: int, length: int, seed: int) -> torch.Tensor:
-    """``n`` random windows of ``length`` tokens [n, length] from the concatenated documents (seeded)."""
+def corpus_ids(tokenizer, texts: list[str]) -> list[int]:
     ids: list[int] = []
     for text in texts:
         ids += tokenizer.encode(text, add_special_tokens=False) + [tokenizer.eos_token_id]
+    return ids
+
+
+def make_windows(ids: list[int], n: int, length: int, seed: int) -> torch.Tensor:
+    """``n`` random windows of ``length`` tokens [n, length] from the token stream ``ids`` (seeded)."""
     if len(ids) < length + 1:
         sys.exit(f"train_less: the corpus has {len(ids)} tokens, fewer than one window of {length}")
     rng = random.Random(seed)
     starts = [rng.randrange(0, len(ids) - length) for _ in range(n)]
     return torch.tensor([ids[s : s + length] for s in starts])
+
+
+def split_windows(ids: list[int], n: int, length: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, validation) windows cut from disjoint parts of the corpus: validation windows (10% of ``n``, at
+    least one) come from its last part, sized so they need not overlap, training windows from the rest."""
+    n_val = max(1, round(0.1 * n))
+    tail = max(len(ids) // 10, n_val * length + 1)
+    if len(ids) - tail < length + 1:
+        sys.exit(f"train_less: the corpus has {len(ids)} tokens, too few for disjoint windows of {length}")
+    return make_windows(ids[:-tail], n - n_val, length, seed), make_windows(ids[-tail:], n_val, length, seed + 1)
 
 
 def capture(model, windows: torch.Tensor, layers: list[int], device: str) -> dict[int, dict[str, torch.Tensor]]:
@@ -157,6 +186,50 @@ def capture(model, windows: torch.Tensor, layers: list[int], device: str) -> dic
     return {i: {name: torch.cat(parts) for name, parts in tensors.items()} for i, tensors in store.items()}
 
 
+@dataclass
+class Sparse:
+    """The base policy's split of every row's keys into held (softmax over the cache) and evicted (the state).
+
+    H2O: a mask ``held`` [W, Hkv, N, N] (row t, key j; includes j = t). Lambda: the evicted keys of row t are
+    one range [start_t, stop_t) (``start``, ``stop`` [N]), the same for every window and head, so the state's
+    sums over them are differences of prefix sums and no N x N tensor is needed.
+    """
+
+    held: torch.Tensor | None = None
+    start: torch.Tensor | None = None
+    stop: torch.Tensor | None = None
+
+    def subset(self, index) -> Sparse:
+        return self if self.held is None else Sparse(held=self.held[index])
+
+    def held_rows(self, rows: torch.Tensor, n_keys: int) -> torch.Tensor:
+        """Held keys among the first ``n_keys`` for the query ``rows`` [r]: [W or 1, Hkv or 1, r, n_keys]."""
+        if self.held is not None:
+            return self.held[:, :, rows, :n_keys]
+        keys = torch.arange(n_keys)
+        evicted = (keys >= self.start[rows, None]) & (keys < self.stop[rows, None])
+        return ((keys <= rows[:, None]) & ~evicted)[None, None]
+
+
+def sparse_set(q, k, scale, args, extra_tokens: int = 0) -> Sparse:
+    """The base policy's held set for every query row of every window."""
+    if args.base == "lambda":
+        start, stop = lambda_ranges(k.shape[2], Budget("fraction", args.budget), args.n_sink, extra_tokens)
+        return Sparse(start=start, stop=stop)
+    return Sparse(held=sparse_mask(q, k, scale, args, extra_tokens))
+
+
+def lambda_ranges(n: int, budget: Budget, n_sink: int, extra_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lambda's evicted keys [start_t, stop_t) for every row t: all but the min(capacity, n_sink) first and the
+    capacity - n_sink most recent of the t tokens before it (the ``prefill`` mask; ``sequential`` is the same,
+    since sinks + recent never depend on scores)."""
+    rows = torch.arange(n)
+    capacity = budget.capacity(rows.clamp(min=1)) + extra_tokens
+    sink = capacity.clamp(max=n_sink)
+    start = torch.minimum(sink, rows)
+    return start, torch.maximum(start, rows - (capacity - sink))
+
+
 def sparse_mask(q, k, scale, args, extra_tokens: int = 0) -> torch.Tensor:
     """The base policy's held set for every query row [W, Hkv, N, N] (bool; row t, key j; includes j = t)."""
     windows, heads, n, _ = k.shape
@@ -166,12 +239,11 @@ def sparse_mask(q, k, scale, args, extra_tokens: int = 0) -> torch.Tensor:
     masks = []
     for w in range(windows):
         logits = torch.matmul(q[w], k[w].repeat_interleave(group, 0).transpose(-1, -2)) * scale  # [H, N, N]
-        probs = torch.softmax(logits.masked_fill(~causal, -math.inf), -1)
-        probs = probs.reshape(heads, group, n, n).mean(1)  # [Hkv, N, N], the engine's GQA average
         if args.mask == "sequential":
             masks.append(_sequential(logits.reshape(heads, group, n, n), budget, args, extra_tokens))
-        else:
-            masks.append(_prefill(probs, budget, args, extra_tokens))
+            continue
+        probs = torch.softmax(logits.masked_fill(~causal, -math.inf), -1)
+        masks.append(_prefill(probs.reshape(heads, group, n, n).mean(1), budget, args, extra_tokens))
     return torch.stack(masks)
 
 
@@ -222,84 +294,172 @@ def _sequential(logits: torch.Tensor, budget: Budget, args, extra_tokens: int) -
     return mask
 
 
-def predict(q, k, v, held, kernels: Kernels | None, scale: float, o_proj) -> torch.Tensor:
-    """o_proj of the combined attention [W, N, C]: softmax over the held keys plus phi psi over the evicted."""
+def held_part(q, k, v, sparse: Sparse, scale: float) -> dict[str, torch.Tensor]:
+    """Each row's softmax terms over its held keys, in the row's own scale (e_j = exp(q k_j scale - peak)):
+    ``num`` = sum_j e_j v_j [W, H, N, D], ``den`` = sum_j e_j [W, H, N], ``peak`` [W, H, N]. They hold no kernel
+    parameter, so they are computed once per layer, in blocks of rows over the causal prefix of keys."""
     windows, heads, n, dim = k.shape
     group = q.shape[1] // heads
-    causal = torch.ones(n, n, dtype=torch.bool).tril()
-    held = held.repeat_interleave(group, 1)  # [W, H, N, N]
     keys, values = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
-    logits = (torch.matmul(q, keys.transpose(-1, -2)) * scale).masked_fill(~held, -math.inf)
-    peak = logits.amax(-1, keepdim=True)  # [W, H, N, 1]
-    weights = torch.exp(logits - peak)
+    parts: dict[str, list[torch.Tensor]] = {"num": [], "den": [], "peak": []}
+    with torch.no_grad():
+        for first in range(0, n, ROW_BLOCK):
+            rows = torch.arange(first, min(first + ROW_BLOCK, n))
+            width = int(rows[-1]) + 1
+            held = sparse.held_rows(rows, width)
+            held = held.repeat_interleave(group, 1) if held.shape[1] > 1 else held
+            logits = torch.matmul(q[:, :, rows], keys[:, :, :width].transpose(-1, -2)) * scale
+            logits = logits.masked_fill(~held, -math.inf)
+            peak = logits.amax(-1, keepdim=True)
+            weights = torch.exp(logits - peak)
+            parts["num"].append(torch.matmul(weights, values[:, :, :width]))
+            parts["den"].append(weights.sum(-1))
+            parts["peak"].append(peak[..., 0])
+    return {name: torch.cat(tensors, dim=2) for name, tensors in parts.items()}
+
+
+def state_part(phi, psi, v, sparse: Sparse, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The state's terms of ``rows``: sum over each row's evicted keys j of phi(q_t) psi(k_j) v_j [W, H, r, D]
+    and of phi(q_t) psi(k_j) [W, H, r]; phi [W, H, r, R] of those rows, psi [W, Hkv, N, R] of every key."""
+    windows, heads, n, dim = v.shape
+    group = phi.shape[1] // heads
+    if sparse.held is None:  # Lambda: prefix sums of psi(k_j) v_j^T and psi(k_j), in fp64 so differences stay exact
+        outer = F.pad((psi[..., :, None] * v[..., None, :]).double().cumsum(2), (0, 0, 0, 0, 1, 0))
+        total = F.pad(psi.double().cumsum(2), (0, 0, 1, 0))
+        stop, start = sparse.stop[rows], sparse.start[rows]
+        state_h = (outer[:, :, stop] - outer[:, :, start]).float()  # [W, Hkv, r, R, D]
+        state_z = (total[:, :, stop] - total[:, :, start]).float()  # [W, Hkv, r, R]
+        phi = phi.reshape(windows, heads, group, len(rows), -1)
+        num = torch.einsum("wkgrs,wkrsd->wkgrd", phi, state_h).reshape(windows, heads * group, len(rows), dim)
+        den = torch.einsum("wkgrs,wkrs->wkgr", phi, state_z).reshape(windows, heads * group, len(rows))
+        return num, den
+    causal = torch.arange(n)[None, :] < rows[:, None]  # [r, N]
+    evicted = (causal & ~sparse.held[:, :, rows]).repeat_interleave(group, 1)  # [W, H, r, N]
+    weights = torch.matmul(phi, psi.repeat_interleave(group, 1).transpose(-1, -2)) * evicted
+    return torch.matmul(weights, v.repeat_interleave(group, 1)), weights.sum(-1)
+
+
+def predict(data: dict[str, torch.Tensor], sparse: Sparse, kernels: Kernels | None, o_proj, rows) -> torch.Tensor:
+    """o_proj of the combined attention of ``rows`` [W, r, C]: (sum_held e_j v_j + phi H) / (sum_held e_j + phi z),
+    the state's terms (weights phi(q) psi(k) against exp(q k scale)) brought into the row's shifted scale."""
+    num, den = data["num"][:, :, rows], data["den"][:, :, rows]
     if kernels is not None:
-        linear = torch.matmul(kernels.phi(q), kernels.psi(k).repeat_interleave(group, 1).transpose(-1, -2))
-        # Evicted keys weigh phi(q) psi(k) against exp(q k scale); in the row's shifted scale: * exp(-peak).
-        weights = weights + linear * (causal & ~held) * torch.exp(-peak.clamp(min=-60))
-    out = torch.matmul(weights, values) / weights.sum(-1, keepdim=True)
-    return o_proj(out.transpose(1, 2).reshape(windows, n, -1))
+        shift = torch.exp(-data["peak"][:, :, rows].clamp(min=-60))  # [W, H, r]
+        state_num, state_den = state_part(kernels.phi(data["q"][:, :, rows]), kernels.psi(data["k"]), data["v"],
+                                          sparse, rows)  # fmt: skip
+        num, den = num + state_num * shift[..., None], den + state_den * shift
+    out = num / den[..., None]
+    return o_proj(out.transpose(1, 2).reshape(out.shape[0], len(rows), -1))
 
 
-def mse(prediction: torch.Tensor, target: torch.Tensor, loss_from: int) -> torch.Tensor:
-    return F.mse_loss(prediction[:, loss_from:], target[:, loss_from:])
+def loss_rows(n: int, args, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The rows the loss counts: every row from ``--loss-from`` on, or a random ``--loss-rows`` of them."""
+    rows = torch.arange(args.loss_from, n)
+    if generator is None or not args.loss_rows or args.loss_rows >= len(rows):
+        return rows
+    return rows[torch.randperm(len(rows), generator=generator)[: args.loss_rows].sort().values]
 
 
-def evaluate(data, held, kernels, scale, o_proj, index, args) -> float:
+def evaluate(data, sparse: Sparse, kernels, o_proj, args) -> float:
+    """Validation MSE over every loss row, one window at a time."""
+    rows = loss_rows(data["k"].shape[2], args)
     with torch.no_grad():
         losses = [
-            mse(predict(data["q"][i : i + 1], data["k"][i : i + 1], data["v"][i : i + 1], held[i : i + 1],
-                        kernels, scale, o_proj), data["o"][i : i + 1], args.loss_from)
-            for i in index
-        ]  # fmt: skip
+            F.mse_loss(
+                predict(window_of(data, i), sparse.subset([i]), kernels, o_proj, rows), data["o"][i : i + 1, rows]
+            )
+            for i in range(data["k"].shape[0])
+        ]
     return float(torch.stack(losses).mean())
 
 
-def train_layer(data, layer, config, args, log) -> tuple[Kernels, dict[str, float]]:
-    """Fit one layer's kernels; returns the best-validation kernels and the validation MSEs."""
-    scale = layer.self_attn.scaling
-    o_proj = layer.self_attn.o_proj
-    windows = data["k"].shape[0]
-    n_val = max(1, round(0.1 * windows))
-    order = torch.randperm(windows, generator=torch.Generator().manual_seed(args.seed)).tolist()
-    val, train = order[:n_val], order[n_val:]
-    held = sparse_mask(data["q"], data["k"], scale, args)
-    held_plus = sparse_mask(data["q"][val], data["k"][val], scale, args, extra_tokens=args.rank // 2)
-    plus_data = {name: tensor[val] for name, tensor in data.items()}
+def window_of(data: dict[str, torch.Tensor], index) -> dict[str, torch.Tensor]:
+    index = [index] if isinstance(index, int) else index
+    return {name: tensor[index] for name, tensor in data.items()}
+
+
+def prepare(data: dict[str, torch.Tensor], scale: float, args, extra_tokens: int = 0) -> tuple[dict, Sparse]:
+    """Captured q, k, v, o plus their held-key terms, and the sparse set they were computed under."""
+    sparse = sparse_set(data["q"], data["k"], scale, args, extra_tokens)
+    return {**data, **held_part(data["q"], data["k"], data["v"], sparse, scale)}, sparse
+
+
+def train_layer(train, val, layer, config, args, log) -> tuple[Kernels, dict[str, float]]:
+    """Fit one layer's kernels on ``train`` windows; returns the best-validation kernels and the validation MSEs."""
+    scale, o_proj = layer.self_attn.scaling, layer.self_attn.o_proj
+    val_data, val_sparse = prepare(val, scale, args)
+    plus_data, plus_sparse = prepare(val, scale, args, extra_tokens=args.rank // 2)
     result = {
-        "base": evaluate(data, held, None, scale, o_proj, val, args),
-        "plus": evaluate(plus_data, held_plus, None, scale, o_proj, range(n_val), args),
+        "base": evaluate(val_data, val_sparse, None, o_proj, args),
+        "plus": evaluate(plus_data, plus_sparse, None, o_proj, args),
     }
+    del plus_data
+    train_data, train_sparse = prepare(train, scale, args)
     kernels = Kernels(
-        config.num_attention_heads, config.num_key_value_heads, data["k"].shape[-1], args.rank, args.hidden,
+        config.num_attention_heads, config.num_key_value_heads, train["k"].shape[-1], args.rank, args.hidden,
         dropout=args.dropout,
     )  # fmt: skip
     optimizer = torch.optim.Adam(kernels.parameters(), lr=args.lr)
     schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=args.step_epochs, gamma=0.5)
+    generator = torch.Generator().manual_seed(args.seed)
     # The untrained kernels (s1 = s2 = 1e-4) are nearly the plain base: they are the first candidate.
     kernels.eval()
-    best = evaluate(data, held, kernels, scale, o_proj, val, args)
+    best = evaluate(val_data, val_sparse, kernels, o_proj, args)
     best_state = {name: p.detach().clone() for name, p in kernels.state_dict().items()}
+    order = list(range(train["k"].shape[0]))
     for epoch in range(args.epochs):
         kernels.train()
-        random.Random(args.seed + epoch).shuffle(train)
-        for start in range(0, len(train), args.batch_size):
-            batch = train[start : start + args.batch_size]
-            prediction = predict(data["q"][batch], data["k"][batch], data["v"][batch], held[batch], kernels, scale,
-                                 o_proj)  # fmt: skip
-            loss = mse(prediction, data["o"][batch], args.loss_from)
+        random.Random(args.seed + epoch).shuffle(order)
+        for first in range(0, len(order), args.batch_size):
+            batch = order[first : first + args.batch_size]
+            rows = loss_rows(train["k"].shape[2], args, generator)
+            prediction = predict(window_of(train_data, batch), train_sparse.subset(batch), kernels, o_proj, rows)
+            loss = F.mse_loss(prediction, train["o"][batch][:, rows])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
             loss = loss.detach()
         schedule.step()
         kernels.eval()
-        current = evaluate(data, held, kernels, scale, o_proj, val, args)
+        current = evaluate(val_data, val_sparse, kernels, o_proj, args)
         log(f"  epoch {epoch + 1}: train {float(loss):.3e} val {current:.3e} (base {result['base']:.3e})")
         if current < best:
             best, best_state = current, {name: p.detach().clone() for name, p in kernels.state_dict().items()}
     kernels.load_state_dict(best_state)
     result["less"] = best
     return kernels.eval(), result
+
+
+def evaluate_kernels(model, windows: torch.Tensor, layers: list[int], args, log) -> dict[str, dict[str, float]]:
+    """Held-out MSE of saved kernels (``--evaluate``) per layer: base, plus (same memory) and LESS."""
+    trained, manifest = load_kernels(args.evaluate, manifest_base(args.evaluate), args.rank, None)
+    for key in ("base", "budget", "recent_fraction", "n_sink"):
+        if manifest.get(key) is not None:
+            setattr(args, key, manifest[key])
+    losses: dict[str, dict[str, float]] = {}
+    for first in range(0, len(layers), args.layers_per_pass):
+        group = layers[first : first + args.layers_per_pass]
+        captured = capture(model, windows, group, args.device)
+        for index in group:
+            data = {name: tensor.to(args.device) for name, tensor in captured.pop(index).items()}
+            attention = model.model.layers[index].self_attn
+            prepared, sparse = prepare(data, attention.scaling, args)
+            plus, plus_sparse = prepare(data, attention.scaling, args, extra_tokens=args.rank // 2)
+            losses[str(index)] = {
+                "base": evaluate(prepared, sparse, None, attention.o_proj, args),
+                "plus": evaluate(plus, plus_sparse, None, attention.o_proj, args),
+                "less": evaluate(prepared, sparse, trained[index], attention.o_proj, args),
+            }
+            log(f"layer {index}: " + " ".join(f"{k} {v:.3e}" for k, v in losses[str(index)].items()))
+    return losses
+
+
+def manifest_base(kernels: str) -> str:
+    return json.loads((Path(kernels).expanduser() / "manifest.json").read_text())["base"]
+
+
+def mean_losses(losses: dict[str, dict[str, float]]) -> dict[str, float]:
+    return {kind: sum(v[kind] for v in losses.values()) / len(losses) for kind in ("base", "plus", "less")}
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -311,9 +471,8 @@ def main(argv: list[str] | None = None) -> Path:
     model, tokenizer = load(spec, args.device, torch.float32)
     model.requires_grad_(False)
     config = model.config
-    out = Path(args.out).expanduser() if args.out else default_kernels_dir(args.model, args.base, args.budget)
     texts, source = corpus_texts(args, needed_chars=args.windows * args.window_tokens * 6)
-    windows = make_windows(tokenizer, texts, args.windows, args.window_tokens, args.seed)
+    train, val = split_windows(corpus_ids(tokenizer, texts), args.windows, args.window_tokens, args.seed)
     layers = list(range(config.num_hidden_layers))
     if args.layers:
         layers = [int(i) for i in args.layers.split(",")]
@@ -321,18 +480,31 @@ def main(argv: list[str] | None = None) -> Path:
     def log(message: str) -> None:
         print(f"[train_less {time.perf_counter() - started:7.1f}s] {message}", flush=True)
 
-    log(f"{args.model}: {len(windows)} windows x {args.window_tokens} tokens from {source}; layers {layers}")
+    if args.evaluate:
+        log(f"{args.evaluate}: {len(val)} held-out windows x {args.window_tokens} tokens from {source}")
+        losses = evaluate_kernels(model, val, layers, args, log)
+        out = Path(args.out).expanduser() if args.out else Path(args.evaluate).expanduser() / "eval.json"
+        report = {"kernels": args.evaluate, "data": source, "windows": len(val), "window_tokens": args.window_tokens,
+                  "loss_from": args.loss_from, "val_mse_mean": mean_losses(losses), "val_mse": losses}  # fmt: skip
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        log(f"mean {report['val_mse_mean']}; wrote {out}")
+        return out
+    out = Path(args.out).expanduser() if args.out else default_kernels_dir(args.model, args.base, args.budget)
+    log(f"{args.model}: {len(train)} + {len(val)} windows x {args.window_tokens} tokens from {source}; layers {layers}")
     trained: dict[int, Kernels] = {}
     losses: dict[str, dict[str, float]] = {}
     for first in range(0, len(layers), args.layers_per_pass):
         group = layers[first : first + args.layers_per_pass]
-        captured = capture(model, windows, group, args.device)
+        captured_train = capture(model, train, group, args.device)
+        captured_val = capture(model, val, group, args.device)
         for index in group:
-            data = {name: tensor.to(args.device) for name, tensor in captured.pop(index).items()}
+            data_train = {name: tensor.to(args.device) for name, tensor in captured_train.pop(index).items()}
+            data_val = {name: tensor.to(args.device) for name, tensor in captured_val.pop(index).items()}
             log(f"layer {index}")
-            trained[index], losses[str(index)] = train_layer(data, model.model.layers[index], config, args, log)
-            log(f"layer {index}: val mse base {losses[str(index)]['base']:.3e} plus {losses[str(index)]['plus']:.3e}"
-                f" less {losses[str(index)]['less']:.3e}")  # fmt: skip
+            trained[index], losses[str(index)] = train_layer(data_train, data_val, model.model.layers[index], config,
+                                                             args, log)  # fmt: skip
+            log(f"layer {index}: val mse " + " ".join(f"{k} {v:.3e}" for k, v in losses[str(index)].items()))
     write(out, trained, losses, args, config, source, time.perf_counter() - started)
     log(f"wrote {out}")
     return out
@@ -348,7 +520,7 @@ def write(out: Path, trained, losses, args, config, source: str, wall_s: float) 
         for name, tensor in kernels.state_dict().items()
     }
     save_file(tensors, str(out / "kernels.safetensors"))
-    mean = {kind: sum(v[kind] for v in losses.values()) / len(losses) for kind in ("base", "plus", "less")}
+    mean = mean_losses(losses)
     manifest = {
         "model": args.model,
         "base": args.base,
@@ -373,6 +545,7 @@ def write(out: Path, trained, losses, args, config, source: str, wall_s: float) 
         "dropout": args.dropout,
         "mask": args.mask,
         "loss_from": args.loss_from,
+        "loss_rows": args.loss_rows,
         "seed": args.seed,
         "wall_s": round(wall_s, 1),
         "val_mse_mean": mean,

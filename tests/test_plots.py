@@ -126,6 +126,17 @@ def test_less_gap_recovered_values(fixture_dir):
 
     full, h2o, less = score("full", None), score("h2o", 0.1), score("less", 0.1)
     assert row["gap_recovered_pct"] == pytest.approx(100 * (less - h2o) / (full - h2o))
+    assert row["less_minus_base"] == pytest.approx(less - h2o)
+
+
+def test_less_gap_is_undefined_when_the_base_is_not_below_full(fixture_dir):
+    """A base that scores at or above the full cache leaves no gap: NaN, not a huge or negative percentage."""
+    lines = results.summary(results.load(fixture_dir))
+    full = lines["policy"] == "full"
+    lines.loc[full, "score"] = lines.loc[lines["policy"] == "h2o", "score"].min() - 1.0
+    table = plots.less_gap_table(lines)
+    assert len(table) > 0 and table["gap_recovered_pct"].isna().all()
+    assert table["less_minus_base"].notna().all()
 
 
 def test_less_lambda_base_is_compared_with_streaming_llm(fixture_dir):

@@ -134,3 +134,58 @@ def test_kernels_are_required_and_checked(tmp_path):
         LESSPolicy(kernels=str(tmp_path)).load()
     with pytest.raises(UserError, match="model=tiny_random_llama, not smollm2_135m"):
         LESSPolicy(rank=4, kernels=str(tmp_path), model="smollm2_135m").load()
+
+
+def lambda_args(budget, n_sink=4):
+    return load_trainer().parse_args(["--base", "lambda", "--budget", str(budget), "--n-sink", str(n_sink)])
+
+
+@pytest.mark.parametrize(("budget", "extra"), [(0.1, 0), (0.3, 0), (0.3, 4), (0.9, 0)])
+def test_lambda_ranges_are_the_complement_of_the_lambda_mask(budget, extra):
+    trainer = load_trainer()
+    n, args = 70, lambda_args(budget)
+    probs = torch.rand(2, n, n)  # Lambda ignores the scores
+    held = trainer._prefill(probs, Budget("fraction", budget), args, extra)  # [Hkv, N, N]
+    start, stop = trainer.lambda_ranges(n, Budget("fraction", budget), args.n_sink, extra)
+    keys, rows = torch.arange(n)[None, :], torch.arange(n)[:, None]
+    evicted = (keys >= start[:, None]) & (keys < stop[:, None])
+    assert bool(evicted.any())
+    for head in held:
+        assert torch.equal(evicted, (keys < rows) & ~head)
+
+
+def test_prediction_equals_the_dense_combined_attention_for_both_sparse_forms():
+    """predict() (held terms computed once, prefix sums for Lambda) against the formula written out densely:
+    softmax weights exp(q k scale) on held keys, phi(q) psi(k) on evicted ones, normalised together."""
+    trainer = load_trainer()
+    windows, kv_heads, group, n, dim = 2, 2, 3, 40, 8
+    torch.manual_seed(0)
+    q, k, v = (
+        torch.randn(windows, kv_heads * group, n, dim),
+        torch.randn(windows, kv_heads, n, dim),
+        torch.randn(windows, kv_heads, n, dim),
+    )
+    kernels = Kernels(kv_heads * group, kv_heads, dim, 4, 16).eval()
+    with torch.no_grad():
+        kernels.s1.uniform_(0.5, 2.0)
+        kernels.s2.uniform_(0.1, 0.5)
+    o_proj = torch.nn.Linear(kv_heads * group * dim, 5, bias=False)
+    scale, rows = 1 / math.sqrt(dim), torch.arange(3, n)
+    start, stop = trainer.lambda_ranges(n, Budget("fraction", 0.3), 2)
+    keys = torch.arange(n)[None, :]
+    held = (keys <= torch.arange(n)[:, None]) & ~((keys >= start[:, None]) & (keys < stop[:, None]))
+    ranges = trainer.Sparse(start=start, stop=stop)
+    mask = trainer.Sparse(held=held.expand(windows, kv_heads, n, n).clone())
+
+    with torch.no_grad():
+        keys_h, values_h = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+        causal = torch.ones(n, n, dtype=torch.bool).tril()
+        linear = kernels.phi(q) @ kernels.psi(k).repeat_interleave(group, 1).transpose(-1, -2)
+        weights = torch.where(held, torch.exp(q @ keys_h.transpose(-1, -2) * scale), linear) * causal
+        dense = (weights @ values_h) / weights.sum(-1, keepdim=True)
+        reference = o_proj(dense.transpose(1, 2).reshape(windows, n, -1))[:, rows]
+        for sparse in (ranges, mask):
+            data = {"q": q, "k": k, "v": v, **trainer.held_part(q, k, v, sparse, scale)}
+            torch.testing.assert_close(trainer.predict(data, sparse, kernels, o_proj, rows), reference)
+            plain = trainer.predict(data, sparse, None, o_proj, rows)
+            assert not torch.allclose(plain, reference, atol=1e-3)  # the state contributes
