@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The committed SmolLM2 results (CPU, fp32), in priority order. Every step is resumable: rerunning skips rows
 # already in results.jsonl and resumes half-done tasks from their flushed predictions.
-#   scripts/sweep_smollm2.sh [step ...]     steps: baselines longbench ruler bench seed seed6k ruler_all less
+#   scripts/sweep_smollm2.sh [step ...]     steps: baselines longbench ruler bench seed seed6k ruler_all less less_long less_mse
 # Two steps can share the 2 CPU cores as two single-threaded processes (OMP_NUM_THREADS=1); their speed columns
 # then describe that setting, and scripts/bench_decode.py (step bench, run alone) is the speed reference.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 kv() { $PY -m kvbench "$@" progress=false; }
-steps=${*:-baselines longbench ruler bench seed seed6k ruler_all less}
+steps=${*:-baselines longbench ruler bench seed seed6k ruler_all less less_long less_mse}
 kernels_root=${KVBENCH_CACHE:-$HOME/.cache/kvbench}/less
 less_kernels=$kernels_root/smollm2_135m_h2o_0.1/kernels.safetensors
 all_policies=random,knorm,streaming_llm,h2o,scissorhands,tova,snapkv,pyramidkv,corm,fixed_capacity
@@ -89,8 +89,24 @@ for step in $steps; do
         results_dir=results/sweeps/longbench_smollm2
       kv -m +policy=less budget=0.1 policy.kernels=$long_kernels task=passkey,needle batch_size=3 \
         results_dir=results/sweeps/synthetic_smollm2 ;;
+    less_long)  # issue 4: LESS (Lambda base, 0.3) with kernels trained on windows of the model's full length (8192
+      # tokens, the paper's choice; captures spilled to disk), on passkey/needle 2k-6k against StreamingLLM
+      k=$kernels_root/smollm2_135m_lambda_0.3_w12x8192e10
+      [ -f "$k/kernels.safetensors" ] || $PY scripts/train_less.py --base lambda --budget 0.3 --windows 12 \
+        --window-tokens 8192 --epochs 10 --loss-rows 2048 --spill "${TMPDIR:-/tmp}" --threads 2 --out "$k"
+      kv -m +policy=less policy.base=lambda policy.kernels=$k budget=0.3 task=passkey,needle batch_size=3 \
+        results_dir=results/sweeps/synthetic_smollm2
+      kv -m +policy=less policy.base=lambda policy.kernels=$k budget=0.3 task=passkey,needle 'task.lengths=[6144]' \
+        batch_size=3 results_dir=results/sweeps/synthetic6k_smollm2 ;;
+    less_mse)  # issue 4: held-out attention-output MSE of LESS kernels by context length (results/less)
+      [ -f "$less_kernels" ] || make less-kernels
+      lambda_short=$kernels_root/smollm2_135m_lambda_0.3
+      [ -f "$lambda_short/kernels.safetensors" ] || $PY scripts/train_less.py --base lambda --budget 0.3 --threads 2
+      $PY scripts/table_less_mse_by_length.py "$(dirname "$less_kernels")" --lengths 512 2048 4096
+      $PY scripts/table_less_mse_by_length.py "$lambda_short" "$kernels_root/smollm2_135m_lambda_0.3_w12x8192e10" \
+        --lengths 512 2048 4096 8192 ;;
     bench)  # issue 3: decode-step time per policy at 4k on CPU, and the ragged-layout comparison
       $PY scripts/bench_decode.py --context 4096 --budget 0.3 --repeats 2 --out results/bench ;;
-    *) echo "unknown step '$step'; valid: baselines longbench ruler bench seed seed6k ruler_all less" >&2; exit 2 ;;
+    *) echo "unknown step '$step'; valid: baselines longbench ruler bench seed seed6k ruler_all less less_long less_mse" >&2; exit 2 ;;
   esac
 done

@@ -6,7 +6,7 @@ at the same memory ("plus": R/2 more tokens per head).
 For every kernels directory and length, ``train_less.py --evaluate`` runs on held-out windows (the corpus's last
 tenth, which training never reads) and its JSON is kept as ``<out>/<kernels name>/eval_<length>.json``; an
 existing file is reused, so a rerun only adds what is missing. Then ``<out>/mse_by_length.{md,csv}`` gets one row
-per (kernels, length): the mean over layers of each MSE, and LESS's change against base and plus.
+per evaluation found under ``<out>``: the mean over layers of each MSE, and LESS's change against base and plus.
 """
 
 from __future__ import annotations
@@ -34,48 +34,67 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def evaluation(kernels: Path, length: int, args: argparse.Namespace) -> dict:
+TRAINED = ("model", "base", "budget", "rank", "hidden", "windows", "window_tokens", "epochs", "loss_rows", "mask")
+
+
+def evaluation(kernels: Path, length: int, args: argparse.Namespace) -> Path:
+    """The held-out evaluation of ``kernels`` at ``length`` tokens, run when missing; it names its training."""
     path = Path(args.out) / kernels.name / f"eval_{length}.json"
+    manifest = json.loads((kernels / "manifest.json").read_text())
     if not path.is_file():
-        manifest = json.loads((kernels / "manifest.json").read_text())
         train_less.main(
             ["--evaluate", str(kernels), "--model", manifest["model"], "--window-tokens", str(length)]
             + ["--windows", str(args.windows), "--threads", str(args.threads), "--out", str(path)]
         )
-    return json.loads(path.read_text())
+    report = json.loads(path.read_text())
+    if "trained" not in report:
+        report["trained"] = {key: manifest.get(key) for key in TRAINED}
+        path.write_text(json.dumps(report, indent=2) + "\n")
+    return path
+
+
+def table(out: Path) -> pd.DataFrame:
+    """One row per evaluation under ``out``: the mean over layers of each MSE, and LESS against base and plus."""
+    rows = []
+    for path in sorted(out.glob("*/eval_*.json")):
+        report = json.loads(path.read_text())
+        trained, mse = report["trained"], report["val_mse_mean"]
+        rows.append(
+            {
+                "kernels": path.parent.name,
+                "base": trained["base"],
+                "budget": trained["budget"],
+                "trained_on": "{windows} x {window_tokens} tokens, {epochs} epochs".format(**trained),
+                "eval_tokens": report["window_tokens"],
+                "eval_windows": report["windows"],
+                "mse_base": mse["base"],
+                "mse_plus": mse["plus"],
+                "mse_less": mse["less"],
+                "less_vs_base_pct": 100 * (mse["less"] / mse["base"] - 1),
+                "less_vs_plus_pct": 100 * (mse["less"] / mse["plus"] - 1),
+            }
+        )
+    return pd.DataFrame(rows).sort_values(["base", "budget", "kernels", "eval_tokens"], kind="stable")
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
     args = parse_args(argv)
-    rows = []
-    for directory in args.kernels:
-        kernels = Path(directory).expanduser()
-        manifest = json.loads((kernels / "manifest.json").read_text())
-        for length in args.lengths:
-            mse = evaluation(kernels, length, args)["val_mse_mean"]
-            rows.append(
-                {
-                    "kernels": kernels.name,
-                    "base": manifest["base"],
-                    "budget": manifest["budget"],
-                    "trained_on": "{windows} x {window_tokens} tokens, {epochs} epochs".format(**manifest),
-                    "eval_tokens": length,
-                    "mse_base": mse["base"],
-                    "mse_plus": mse["plus"],
-                    "mse_less": mse["less"],
-                    "less_vs_base_pct": 100 * (mse["less"] / mse["base"] - 1),
-                    "less_vs_plus_pct": 100 * (mse["less"] / mse["plus"] - 1),
-                }
-            )
-    table = pd.DataFrame(rows)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out / "mse_by_length.csv", index=False)
-    command = "python scripts/table_less_mse_by_length.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    for directory in args.kernels:
+        for length in args.lengths:
+            evaluation(Path(directory).expanduser(), length, args)
+    result = table(out)
+    result.to_csv(out / "mse_by_length.csv", index=False)
     header = "# LESS: held-out attention-output MSE (mean over layers) by context length\n\n"
-    (out / "mse_by_length.md").write_text(header + f"Made by `{command}`.\n\n" + markdown(table, "{:.4g}"))
-    print(table.to_string(index=False))
-    return table
+    note = (
+        "Every evaluation under this folder; each `<kernels>/eval_<tokens>.json` was made by "
+        "`python scripts/table_less_mse_by_length.py <kernels dir> --lengths <tokens>` (see scripts/sweep_smollm2.sh "
+        "step less_mse). base = the sparse policy alone, plus = base with R/2 more tokens per head (LESS's memory), "
+        "less = base + the learned state; negative percentages mean LESS has the lower error.\n\n"
+    )
+    (out / "mse_by_length.md").write_text(header + note + markdown(result.reset_index(drop=True), "{:.4g}"))
+    print(result.to_string(index=False))
+    return result
 
 
 if __name__ == "__main__":

@@ -27,16 +27,19 @@ Corpus: C4 (allenai/c4 en/c4-train.00000-of-01024) when the hub answers, else th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import random
 import socket
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -71,6 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--loss-rows", type=int, default=0, help="rows per training step, sampled (0: all)")
     parser.add_argument("--layers", default=None, help="comma-separated layer indices (default: all)")
     parser.add_argument("--layers-per-pass", type=int, default=30, help="layers captured per pass over the data")
+    parser.add_argument("--spill", default=None, help="directory for memory-mapped captures (default: in RAM)")
     parser.add_argument("--data-dir", default=os.environ.get("KVBENCH_DATA_DIR", "../shared/data"))
     parser.add_argument("--corpus", choices=("auto", "c4", "local"), default="auto")
     parser.add_argument("--out", default=None)
@@ -139,34 +143,70 @@ def make_windows(ids: list[int], n: int, length: int, seed: int) -> torch.Tensor
     return torch.tensor([ids[s : s + length] for s in starts])
 
 
+def held_out_tokens(n_ids: int, n: int, length: int) -> int:
+    """Size of the corpus's last part that training never reads: a tenth, or enough for the validation windows
+    (10% of ``n``, at least one) not to overlap."""
+    return max(n_ids // 10, max(1, round(0.1 * n)) * length + 1)
+
+
 def split_windows(ids: list[int], n: int, length: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train, validation) windows cut from disjoint parts of the corpus: validation windows (10% of ``n``, at
-    least one) come from its last part, sized so they need not overlap, training windows from the rest."""
-    n_val = max(1, round(0.1 * n))
-    tail = max(len(ids) // 10, n_val * length + 1)
+    """(train, validation) windows cut from disjoint parts of the corpus: validation windows from its held-out
+    last part, training windows from the rest."""
+    tail = held_out_tokens(len(ids), n, length)
     if len(ids) - tail < length + 1:
         sys.exit(f"train_less: the corpus has {len(ids)} tokens, too few for disjoint windows of {length}")
+    n_val = max(1, round(0.1 * n))
     return make_windows(ids[:-tail], n - n_val, length, seed), make_windows(ids[-tail:], n_val, length, seed + 1)
 
 
-def capture(model, windows: torch.Tensor, layers: list[int], device: str) -> dict[int, dict[str, torch.Tensor]]:
-    """Per layer: post-RoPE q [W, H, N, D], k/v [W, Hkv, N, D], the true attention-block output o [W, N, C]."""
+def held_out_windows(ids: list[int], manifest: dict, n: int, length: int, seed: int) -> torch.Tensor:
+    """``--evaluate``: ``n`` windows of ``length`` from the part of the corpus the kernels' training held out."""
+    tail = held_out_tokens(len(ids), manifest["windows"], manifest["window_tokens"])
+    if tail < length + 1:
+        sys.exit(f"train_less: the held-out part has {tail} tokens, too few for windows of {length}")
+    return make_windows(ids[-tail:], n, length, seed + 1)
+
+
+def capture(
+    model, windows: torch.Tensor, layers: list[int], device: str, spill: Path | None = None
+) -> dict[int, dict[str, torch.Tensor]]:
+    """Per layer: post-RoPE q [W, H, N, D], k/v [W, Hkv, N, D], the true attention-block output o [W, N, C], fp32,
+    written in place window by window; with ``spill`` they are memory-mapped files in that directory (windows of
+    the model's full length, for every layer, do not fit in RAM)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
-    store: dict[int, dict[str, list[torch.Tensor]]] = {i: {"q": [], "k": [], "v": [], "o": []} for i in layers}
+    config = model.config
+    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    n_windows, n = windows.shape
+    shapes = {
+        "q": (config.num_attention_heads, n, dim),
+        "k": (config.num_key_value_heads, n, dim),
+        "v": (config.num_key_value_heads, n, dim),
+        "o": (n, config.hidden_size),
+    }
+
+    def allocate(layer: int, name: str) -> torch.Tensor:
+        shape = (n_windows, *shapes[name])
+        if spill is None:
+            return torch.empty(shape)
+        path = spill / f"layer{layer}_{name}_{n_windows}x{n}.npy"
+        return torch.from_numpy(np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape))
+
+    store = {i: {name: allocate(i, name) for name in shapes} for i in layers}
+    current = 0
 
     def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
         if module.layer_idx in store:
             for name, tensor in (("q", query), ("k", key), ("v", value)):
-                store[module.layer_idx][name].append(tensor.float().cpu())
+                store[module.layer_idx][name][current] = tensor[0].float().cpu()
         groups = query.shape[1] // key.shape[1]
         out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=groups > 1)
         return out.transpose(1, 2).contiguous(), None
 
     def keep_output(index):
         def hook(module, inputs, output):
-            store[index]["o"].append(output[0].float().cpu())
+            store[index]["o"][current] = output[0][0].float().cpu()
 
         return hook
 
@@ -177,13 +217,13 @@ def capture(model, windows: torch.Tensor, layers: list[int], device: str) -> dic
     handles = [model.model.layers[i].self_attn.register_forward_hook(keep_output(i)) for i in layers]
     try:
         with torch.no_grad():
-            for window in windows:
+            for current, window in enumerate(windows):  # noqa: B007 (read by the hooks)
                 model.model(input_ids=window[None].to(device), use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
         model.set_attn_implementation(previous)
-    return {i: {name: torch.cat(parts) for name, parts in tensors.items()} for i, tensors in store.items()}
+    return store
 
 
 @dataclass
@@ -430,7 +470,9 @@ def train_layer(train, val, layer, config, args, log) -> tuple[Kernels, dict[str
     return kernels.eval(), result
 
 
-def evaluate_kernels(model, windows: torch.Tensor, layers: list[int], args, log) -> dict[str, dict[str, float]]:
+def evaluate_kernels(
+    model, windows: torch.Tensor, layers: list[int], args, log, spill: Path | None = None
+) -> dict[str, dict[str, float]]:
     """Held-out MSE of saved kernels (``--evaluate``) per layer: base, plus (same memory) and LESS."""
     trained, manifest = load_kernels(args.evaluate, manifest_base(args.evaluate), args.rank, None)
     for key in ("base", "budget", "recent_fraction", "n_sink"):
@@ -439,7 +481,7 @@ def evaluate_kernels(model, windows: torch.Tensor, layers: list[int], args, log)
     losses: dict[str, dict[str, float]] = {}
     for first in range(0, len(layers), args.layers_per_pass):
         group = layers[first : first + args.layers_per_pass]
-        captured = capture(model, windows, group, args.device)
+        captured = capture(model, windows, group, args.device, spill)
         for index in group:
             data = {name: tensor.to(args.device) for name, tensor in captured.pop(index).items()}
             attention = model.model.layers[index].self_attn
@@ -471,8 +513,17 @@ def main(argv: list[str] | None = None) -> Path:
     model, tokenizer = load(spec, args.device, torch.float32)
     model.requires_grad_(False)
     config = model.config
-    texts, source = corpus_texts(args, needed_chars=args.windows * args.window_tokens * 6)
-    train, val = split_windows(corpus_ids(tokenizer, texts), args.windows, args.window_tokens, args.seed)
+    if args.evaluate:  # the corpus the kernels were trained on, and the part of it their training held out
+        manifest = json.loads((Path(args.evaluate).expanduser() / "manifest.json").read_text())
+        texts, source = corpus_texts(args, needed_chars=manifest["windows"] * manifest["window_tokens"] * 6)
+        n_val = max(1, round(0.1 * args.windows))
+        train, val = (
+            None,
+            held_out_windows(corpus_ids(tokenizer, texts), manifest, n_val, args.window_tokens, args.seed),
+        )
+    else:
+        texts, source = corpus_texts(args, needed_chars=args.windows * args.window_tokens * 6)
+        train, val = split_windows(corpus_ids(tokenizer, texts), args.windows, args.window_tokens, args.seed)
     layers = list(range(config.num_hidden_layers))
     if args.layers:
         layers = [int(i) for i in args.layers.split(",")]
@@ -480,9 +531,16 @@ def main(argv: list[str] | None = None) -> Path:
     def log(message: str) -> None:
         print(f"[train_less {time.perf_counter() - started:7.1f}s] {message}", flush=True)
 
+    with tempfile.TemporaryDirectory(dir=args.spill) if args.spill else contextlib.nullcontext() as spill:
+        return run(model, train, val, layers, source, args, log, Path(spill) if spill else None, started)
+
+
+def run(model, train, val, layers: list[int], source: str, args, log, spill: Path | None, started: float) -> Path:
+    """Evaluate saved kernels (``--evaluate``) or train new ones, layer by layer; returns the file written."""
+    config = model.config
     if args.evaluate:
         log(f"{args.evaluate}: {len(val)} held-out windows x {args.window_tokens} tokens from {source}")
-        losses = evaluate_kernels(model, val, layers, args, log)
+        losses = evaluate_kernels(model, val, layers, args, log, spill)
         out = Path(args.out).expanduser() if args.out else Path(args.evaluate).expanduser() / "eval.json"
         report = {"kernels": args.evaluate, "data": source, "windows": len(val), "window_tokens": args.window_tokens,
                   "loss_from": args.loss_from, "val_mse_mean": mean_losses(losses), "val_mse": losses}  # fmt: skip
@@ -496,8 +554,8 @@ def main(argv: list[str] | None = None) -> Path:
     losses: dict[str, dict[str, float]] = {}
     for first in range(0, len(layers), args.layers_per_pass):
         group = layers[first : first + args.layers_per_pass]
-        captured_train = capture(model, train, group, args.device)
-        captured_val = capture(model, val, group, args.device)
+        captured_train = capture(model, train, group, args.device, spill)
+        captured_val = capture(model, val, group, args.device, spill)
         for index in group:
             data_train = {name: tensor.to(args.device) for name, tensor in captured_train.pop(index).items()}
             data_val = {name: tensor.to(args.device) for name, tensor in captured_val.pop(index).items()}

@@ -189,3 +189,29 @@ def test_prediction_equals_the_dense_combined_attention_for_both_sparse_forms():
             torch.testing.assert_close(trainer.predict(data, sparse, kernels, o_proj, rows), reference)
             plain = trainer.predict(data, sparse, None, o_proj, rows)
             assert not torch.allclose(plain, reference, atol=1e-3)  # the state contributes
+
+
+def test_spilled_capture_equals_capture_in_memory(tiny, tmp_path):
+    model, _ = tiny
+    windows = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    trainer = load_trainer()
+    in_memory = trainer.capture(model, windows, [0, 2], "cpu")
+    spilled = trainer.capture(model, windows, [0, 2], "cpu", spill=tmp_path)
+    assert len(list(tmp_path.glob("*.npy"))) == 8
+    for layer in (0, 2):
+        for name, tensor in in_memory[layer].items():
+            assert torch.equal(spilled[layer][name], tensor) and bool(tensor.abs().sum() > 0)
+
+
+def test_validation_and_evaluation_windows_come_from_text_training_never_reads():
+    trainer = load_trainer()
+    ids = list(range(5000))  # each token id is its position in the corpus
+    train, val = trainer.split_windows(ids, 12, 64, seed=0)
+    tail = trainer.held_out_tokens(len(ids), 12, 64)
+    assert train.shape == (11, 64) and val.shape == (1, 64)
+    assert int(train.max()) < len(ids) - tail <= int(val.min())
+    manifest = {"windows": 12, "window_tokens": 64}
+    longer = trainer.held_out_windows(ids, manifest, 3, 256, seed=0)
+    assert longer.shape == (3, 256) and int(longer.min()) >= len(ids) - tail
+    with pytest.raises(SystemExit, match="held-out part"):
+        trainer.held_out_windows(ids, manifest, 1, tail, seed=0)
