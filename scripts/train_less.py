@@ -474,8 +474,8 @@ def evaluate_kernels(
     model, windows: torch.Tensor, layers: list[int], args, log, spill: Path | None = None
 ) -> dict[str, dict[str, float]]:
     """Held-out MSE of saved kernels (``--evaluate``) per layer: base, plus (same memory) and LESS."""
-    trained, manifest = load_kernels(args.evaluate, manifest_base(args.evaluate), args.rank, None)
-    for key in ("base", "budget", "recent_fraction", "n_sink"):
+    trained, manifest = load_kernels(args.evaluate, None, None, None)  # their manifest says what they are
+    for key in ("base", "budget", "recent_fraction", "n_sink", "rank"):
         if manifest.get(key) is not None:
             setattr(args, key, manifest[key])
     losses: dict[str, dict[str, float]] = {}
@@ -494,10 +494,6 @@ def evaluate_kernels(
             }
             log(f"layer {index}: " + " ".join(f"{k} {v:.3e}" for k, v in losses[str(index)].items()))
     return losses
-
-
-def manifest_base(kernels: str) -> str:
-    return json.loads((Path(kernels).expanduser() / "manifest.json").read_text())["base"]
 
 
 def mean_losses(losses: dict[str, dict[str, float]]) -> dict[str, float]:

@@ -215,3 +215,14 @@ def test_validation_and_evaluation_windows_come_from_text_training_never_reads()
     assert longer.shape == (3, 256) and int(longer.min()) >= len(ids) - tail
     with pytest.raises(SystemExit, match="held-out part"):
         trainer.held_out_windows(ids, manifest, 1, tail, seed=0)
+
+
+def test_evaluate_measures_saved_kernels_on_longer_held_out_windows(tiny_kernels, data_dir, tmp_path):
+    out = tmp_path / "eval.json"
+    args = f"--evaluate {tiny_kernels} --model tiny_random_llama --window-tokens 160 --windows 10 --loss-from 16"
+    load_trainer().main([*args.split(), "--corpus", "local", "--data-dir", str(data_dir), "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["window_tokens"] == 160 and report["windows"] == 1
+    assert sorted(report["val_mse"]) == ["0", "1", "2", "3"]
+    assert all(math.isfinite(v) and v >= 0 for layer in report["val_mse"].values() for v in layer.values())
+    assert report["val_mse_mean"]["plus"] <= report["val_mse_mean"]["base"]  # more held tokens, less error
