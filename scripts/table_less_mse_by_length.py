@@ -34,23 +34,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-TRAINED = ("model", "base", "budget", "rank", "hidden", "windows", "window_tokens", "epochs", "loss_rows", "mask")
-
-
-def evaluation(kernels: Path, length: int, args: argparse.Namespace) -> Path:
-    """The held-out evaluation of ``kernels`` at ``length`` tokens, run when missing; it names its training."""
+def evaluate(kernels: Path, length: int, args: argparse.Namespace) -> None:
+    """The held-out evaluation of ``kernels`` at ``length`` tokens, run when its JSON is missing."""
     path = Path(args.out) / kernels.name / f"eval_{length}.json"
-    manifest = json.loads((kernels / "manifest.json").read_text())
     if not path.is_file():
+        model = json.loads((kernels / "manifest.json").read_text())["model"]
         train_less.main(
-            ["--evaluate", str(kernels), "--model", manifest["model"], "--window-tokens", str(length)]
+            ["--evaluate", str(kernels), "--model", model, "--window-tokens", str(length)]
             + ["--windows", str(args.windows), "--threads", str(args.threads), "--out", str(path)]
         )
-    report = json.loads(path.read_text())
-    if "trained" not in report:
-        report["trained"] = {key: manifest.get(key) for key in TRAINED}
-        path.write_text(json.dumps(report, indent=2) + "\n")
-    return path
 
 
 def table(out: Path) -> pd.DataFrame:
@@ -82,7 +74,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     out = Path(args.out)
     for directory in args.kernels:
         for length in args.lengths:
-            evaluation(Path(directory).expanduser(), length, args)
+            evaluate(Path(directory).expanduser(), length, args)
     result = table(out)
     result.to_csv(out / "mse_by_length.csv", index=False)
     header = "# LESS: held-out attention-output MSE (mean over layers) by context length\n\n"

@@ -51,6 +51,8 @@ from kvbench.policies.less import Kernels, default_kernels_dir, load_kernels
 
 CAPTURE = "less_capture"
 C4_FILE = "en/c4-train.00000-of-01024.json.gz"
+# What an ``--evaluate`` report repeats of the kernels' manifest: how they were trained.
+TRAINED = ("model", "base", "budget", "rank", "hidden", "windows", "window_tokens", "epochs", "loss_rows", "mask")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -143,10 +145,15 @@ def make_windows(ids: list[int], n: int, length: int, seed: int) -> torch.Tensor
     return torch.tensor([ids[s : s + length] for s in starts])
 
 
+def n_validation(n: int) -> int:
+    """Validation windows among ``n``: 10%, at least one."""
+    return max(1, round(0.1 * n))
+
+
 def held_out_tokens(n_ids: int, n: int, length: int) -> int:
     """Size of the corpus's last part that training never reads: a tenth, or enough for the validation windows
-    (10% of ``n``, at least one) not to overlap."""
-    return max(n_ids // 10, max(1, round(0.1 * n)) * length + 1)
+    of ``n`` not to overlap."""
+    return max(n_ids // 10, n_validation(n) * length + 1)
 
 
 def split_windows(ids: list[int], n: int, length: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -155,7 +162,7 @@ def split_windows(ids: list[int], n: int, length: int, seed: int) -> tuple[torch
     tail = held_out_tokens(len(ids), n, length)
     if len(ids) - tail < length + 1:
         sys.exit(f"train_less: the corpus has {len(ids)} tokens, too few for disjoint windows of {length}")
-    n_val = max(1, round(0.1 * n))
+    n_val = n_validation(n)
     return make_windows(ids[:-tail], n - n_val, length, seed), make_windows(ids[-tail:], n_val, length, seed + 1)
 
 
@@ -472,8 +479,9 @@ def train_layer(train, val, layer, config, args, log) -> tuple[Kernels, dict[str
 
 def evaluate_kernels(
     model, windows: torch.Tensor, layers: list[int], args, log, spill: Path | None = None
-) -> dict[str, dict[str, float]]:
-    """Held-out MSE of saved kernels (``--evaluate``) per layer: base, plus (same memory) and LESS."""
+) -> tuple[dict[str, dict[str, float]], dict]:
+    """Held-out MSE of saved kernels (``--evaluate``) per layer: base, plus (same memory) and LESS; and their
+    manifest."""
     trained, manifest = load_kernels(args.evaluate, None, None, None)  # their manifest says what they are
     for key in ("base", "budget", "recent_fraction", "n_sink", "rank"):
         if manifest.get(key) is not None:
@@ -493,7 +501,7 @@ def evaluate_kernels(
                 "less": evaluate(prepared, sparse, trained[index], attention.o_proj, args),
             }
             log(f"layer {index}: " + " ".join(f"{k} {v:.3e}" for k, v in losses[str(index)].items()))
-    return losses
+    return losses, manifest
 
 
 def mean_losses(losses: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -512,11 +520,8 @@ def main(argv: list[str] | None = None) -> Path:
     if args.evaluate:  # the corpus the kernels were trained on, and the part of it their training held out
         manifest = json.loads((Path(args.evaluate).expanduser() / "manifest.json").read_text())
         texts, source = corpus_texts(args, needed_chars=manifest["windows"] * manifest["window_tokens"] * 6)
-        n_val = max(1, round(0.1 * args.windows))
-        train, val = (
-            None,
-            held_out_windows(corpus_ids(tokenizer, texts), manifest, n_val, args.window_tokens, args.seed),
-        )
+        ids = corpus_ids(tokenizer, texts)
+        train, val = None, held_out_windows(ids, manifest, n_validation(args.windows), args.window_tokens, args.seed)
     else:
         texts, source = corpus_texts(args, needed_chars=args.windows * args.window_tokens * 6)
         train, val = split_windows(corpus_ids(tokenizer, texts), args.windows, args.window_tokens, args.seed)
@@ -536,10 +541,11 @@ def run(model, train, val, layers: list[int], source: str, args, log, spill: Pat
     config = model.config
     if args.evaluate:
         log(f"{args.evaluate}: {len(val)} held-out windows x {args.window_tokens} tokens from {source}")
-        losses = evaluate_kernels(model, val, layers, args, log, spill)
+        losses, manifest = evaluate_kernels(model, val, layers, args, log, spill)
         out = Path(args.out).expanduser() if args.out else Path(args.evaluate).expanduser() / "eval.json"
         report = {"kernels": args.evaluate, "data": source, "windows": len(val), "window_tokens": args.window_tokens,
-                  "loss_from": args.loss_from, "val_mse_mean": mean_losses(losses), "val_mse": losses}  # fmt: skip
+                  "loss_from": args.loss_from, "trained": {key: manifest.get(key) for key in TRAINED},
+                  "val_mse_mean": mean_losses(losses), "val_mse": losses}  # fmt: skip
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(report, indent=2) + "\n")
         log(f"mean {report['val_mse_mean']}; wrote {out}")

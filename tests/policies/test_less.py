@@ -223,6 +223,7 @@ def test_evaluate_measures_saved_kernels_on_longer_held_out_windows(tiny_kernels
     load_trainer().main([*args.split(), "--corpus", "local", "--data-dir", str(data_dir), "--out", str(out)])
     report = json.loads(out.read_text())
     assert report["window_tokens"] == 160 and report["windows"] == 1
+    assert report["trained"]["model"] == "tiny_random_llama" and report["trained"]["base"] == "h2o"
     assert sorted(report["val_mse"]) == ["0", "1", "2", "3"]
     assert all(math.isfinite(v) and v >= 0 for layer in report["val_mse"].values() for v in layer.values())
     assert report["val_mse_mean"]["plus"] <= report["val_mse_mean"]["base"]  # more held tokens, less error
