@@ -1,4 +1,5 @@
-"""Greedy generation under a policy: chunked prefill, then one token per decode step, explicit positions.
+"""Greedy generation (and teacher-forced scoring) under a policy: chunked prefill, then one token per decode
+step, explicit positions.
 
 The batch is left-padded; a padding token has position EMPTY and is never attended to. Positions are each
 token's index in its own (unpadded) sequence and never change, so they stay right after eviction.
@@ -12,6 +13,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from kvbench.attention import Engine, Step, attach
 from kvbench.cache import EMPTY
@@ -104,12 +106,7 @@ def generate(
     decoding padding until every row has stopped, as ``model.generate`` does.
     """
     device = batch.input_ids.device
-    lengths = batch.attention_mask.long().sum(-1)
-    engine.prompt_lengths = lengths
-    engine.token_ids = _ids_by_position(batch, max_new_tokens)
-    if batch.split < batch.input_ids.shape[1]:
-        engine.compressed_lengths = batch.attention_mask[:, : batch.split].long().sum(-1)
-        engine.held_out = batch.attention_mask[:, batch.split :].long().sum(-1)
+    lengths = _bind(engine, batch, max_new_tokens)
     reset_peak(device)
     synchronize(device)
     start = time.perf_counter()
@@ -152,6 +149,42 @@ def generate(
         prefill_peak_bytes=prefill_peak,
         decode_peak_bytes=read_peak(device),
     )
+
+
+@torch.inference_mode()
+def teacher_forced_nll(
+    model, engine: Engine, batch: Batch, targets: torch.Tensor, chunk_size: int = 1024, evict_per_chunk: bool = False
+) -> torch.Tensor:
+    """Negative log-likelihood [B, T] of ``targets`` [B, T] read after the prompt under ``engine``'s policy.
+
+    The prompt is prefilled (and compressed) as in ``generate``; then each target token is fed as one decode
+    step, the policy evicting after each, so token t is predicted from the cache the policy kept after t - 1
+    (how StreamingLLM and LESS (its Table 2, methods.md §2) measure perplexity, with real per-step eviction).
+    """
+    lengths = _bind(engine, batch, targets.shape[1])
+    rows = torch.arange(len(lengths), device=lengths.device)
+    nll = []
+    with attach(model, engine):
+        logits = prefill(model, engine, batch, chunk_size, evict_per_chunk)
+        for step in range(targets.shape[1]):
+            nll.append(F.cross_entropy(logits.float(), targets[:, step], reduction="none"))
+            if step == targets.shape[1] - 1:
+                break
+            positions = lengths + step
+            engine.token_ids[rows, positions] = targets[:, step]
+            logits = decode_step(model, engine, targets[:, step], positions)
+    return torch.stack(nll, 1)
+
+
+def _bind(engine: Engine, batch: Batch, max_new_tokens: int) -> torch.Tensor:
+    """Give ``engine`` the batch's prompt lengths, token ids and held-out split; returns the lengths [B]."""
+    lengths = batch.attention_mask.long().sum(-1)
+    engine.prompt_lengths = lengths
+    engine.token_ids = _ids_by_position(batch, max_new_tokens)
+    if batch.split < batch.input_ids.shape[1]:
+        engine.compressed_lengths = batch.attention_mask[:, : batch.split].long().sum(-1)
+        engine.held_out = batch.attention_mask[:, batch.split :].long().sum(-1)
+    return lengths
 
 
 def _ids_by_position(batch: Batch, max_new_tokens: int) -> torch.Tensor:

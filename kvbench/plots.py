@@ -542,43 +542,76 @@ def _matching_base(less: pd.Series, lines: pd.DataFrame) -> pd.Series | None:
     return same.iloc[0] if len(same) else None
 
 
-def less_gap_table(lines: pd.DataFrame) -> pd.DataFrame:
+def _example_scores(df: pd.DataFrame, line: pd.Series) -> dict[str, float]:
+    """Per-example scores (0-1) of the rows behind a summary line, by example id."""
+    rows = df[
+        (df["model"] == line["model"])
+        & (df["task"] == line["task"])
+        & (df["setting"] == line["setting"])
+        & (df["budget_label"] == line["budget_label"])
+    ]
+    return {
+        record["id"]: record["score"]
+        for _, row in rows.iterrows()
+        for record in results.predictions(row)
+        if record.get("score") is not None
+    }
+
+
+def _paired(df: pd.DataFrame, *lines: pd.Series) -> list[float] | None:
+    """100 x the mean score of each line over the examples they all have (None when they share none)."""
+    scores = [_example_scores(df, line) for line in lines]
+    shared = set.intersection(*(set(s) for s in scores))
+    return [100 * float(np.mean([s[i] for i in shared])) for s in scores] if shared else None
+
+
+def less_gap_table(lines: pd.DataFrame, df: pd.DataFrame | None = None) -> pd.DataFrame:
     """Per model, task (and average) and budget: full, base and LESS scores, LESS - base, and the share of the gap
     that LESS recovers, ``(less - base) / (full - base)`` in percent (NaN when the base is not below the full
-    cache: there is no gap to recover)."""
+    cache: there is no gap to recover).
+
+    With the rows ``df``, the three scores of a task are means over the examples all three were run on (a LESS
+    setting run at fewer lengths is compared on those lengths only), and the average is the mean of the
+    per-task values; without it, the summary lines' scores are used as they are."""
     rows = []
     for _, less in lines[lines["policy"] == "less"].iterrows():
+        if df is not None and less["task"] == results.MACRO:
+            continue
         per_model = lines[lines["model"] == less["model"]]
         base = _matching_base(less, per_model)
         same = (per_model["task"] == less["task"]) & (per_model["variant"] == less["variant"])
         full = per_model[same & (per_model["policy"] == "full")]
         if base is None or full.empty:
             continue
-        gap = full["score"].iloc[0] - base["score"]
-        rows.append(
-            {
-                "model": less["model"],
-                "task": less["task"],
-                "less": less["setting"],
-                "budget": less["budget_label"],
-                "base": base["setting"],
-                "full": full["score"].iloc[0],
-                "base_score": base["score"],
-                "less_score": less["score"],
-                "less_minus_base": less["score"] - base["score"],
-                "gap_recovered_pct": 100 * (less["score"] - base["score"]) / gap if gap > 1e-9 else math.nan,
-            }
-        )
-    columns = ["model", "task", "less", "budget", "base", "full", "base_score", "less_score", "less_minus_base"]
-    columns.append("gap_recovered_pct")
-    return pd.DataFrame(rows, columns=columns)
+        scores = [full["score"].iloc[0], base["score"], less["score"]]
+        if df is not None:
+            scores = _paired(df, full.iloc[0], base, less)
+            if scores is None:
+                continue
+        rows.append({"model": less["model"], "task": less["task"], "less": less["setting"]})
+        rows[-1].update(budget=less["budget_label"], base=base["setting"])
+        rows[-1].update(dict(zip(("full", "base_score", "less_score"), scores, strict=True)))
+    table = pd.DataFrame(rows, columns=["model", "task", "less", "budget", "base", "full", "base_score", "less_score"])
+    if df is not None and not table.empty:
+        macro = []
+        for (model, setting, budget, base), group in table.groupby(["model", "less", "budget", "base"], sort=False):
+            per_model = lines[(lines["model"] == model) & (lines["task"] != results.MACRO)]
+            if len(group) > 1 and set(group["task"]) == set(per_model["task"]):
+                means = group[["full", "base_score", "less_score"]].mean()
+                macro.append({"model": model, "task": results.MACRO, "less": setting, "budget": budget, "base": base})
+                macro[-1].update(means.to_dict())
+        table = pd.concat([table, pd.DataFrame(macro, columns=table.columns)], ignore_index=True)
+    gap = table["full"] - table["base_score"]
+    table["less_minus_base"] = table["less_score"] - table["base_score"]
+    table["gap_recovered_pct"] = (100 * table["less_minus_base"] / gap).where(gap > 1e-9)
+    return table
 
 
 def less_gap_recovered(df: pd.DataFrame, lines: pd.DataFrame | None = None) -> Output:
     """LESS (2402.09398, e.g. "recovers 41.4% of the ROUGE-1 drop" of H2O): the share of the full - H2O gap that
     LESS closes at the same budget, per task and on the macro average; bars per (LESS setting, budget)."""
     lines = results.summary(df) if lines is None else lines
-    table = less_gap_table(lines)
+    table = less_gap_table(lines, df)
     out: Output = {}
     for model, per_model in table.groupby("model", sort=True):
         tasks = list(dict.fromkeys(t for t in per_model["task"] if t != results.MACRO))

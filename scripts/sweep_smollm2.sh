@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The committed SmolLM2 results (CPU, fp32), in priority order. Every step is resumable: rerunning skips rows
 # already in results.jsonl and resumes half-done tasks from their flushed predictions.
-#   scripts/sweep_smollm2.sh [step ...]     steps: baselines longbench ruler bench seed seed6k ruler_all less less_long less_mse
+#   scripts/sweep_smollm2.sh [step ...]     steps: baselines longbench ruler bench seed seed6k ruler_all less less_long less_dense less_mse
 # Two steps can share the 2 CPU cores as two single-threaded processes (OMP_NUM_THREADS=1); their speed columns
 # then describe that setting, and scripts/bench_decode.py (step bench, run alone) is the speed reference.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 kv() { $PY -m kvbench "$@" progress=false; }
-steps=${*:-baselines longbench ruler bench seed seed6k ruler_all less less_long less_mse}
+steps=${*:-baselines longbench ruler bench seed seed6k ruler_all less less_long less_dense less_mse}
 kernels_root=${KVBENCH_CACHE:-$HOME/.cache/kvbench}/less
 less_kernels=$kernels_root/smollm2_135m_h2o_0.1/kernels.safetensors
 all_policies=random,knorm,streaming_llm,h2o,scissorhands,tova,snapkv,pyramidkv,corm,fixed_capacity
@@ -98,6 +98,16 @@ for step in $steps; do
         results_dir=results/sweeps/synthetic_smollm2
       kv -m +policy=less policy.base=lambda policy.kernels=$k budget=0.3 task=passkey,needle 'task.lengths=[6144]' \
         batch_size=3 results_dir=results/sweeps/synthetic6k_smollm2 ;;
+    less_dense)  # issue 4: LESS (Lambda 0.3, 8192-token kernels) against its base on a denser passkey/needle grid
+      # (11 depths, 3 passkeys per cell, 2k/4k), tasks renamed so their rows stay apart from the 3-depth grid
+      out=results/sweeps/less_dense_smollm2
+      k=$kernels_root/smollm2_135m_lambda_0.3_w12x8192e10
+      depths='task.depths=[0.05,0.15,0.25,0.35,0.45,0.55,0.65,0.7,0.75,0.85,0.95]'
+      for policy in "" "+policy=streaming_llm budget=0.3" \
+        "+policy=less policy.base=lambda policy.kernels=$k budget=0.3"; do
+        kv $policy task=passkey task.name=passkey_dense task.n_per_cell=3 "$depths" batch_size=3 results_dir=$out
+        kv $policy task=needle task.name=needle_dense "$depths" batch_size=3 results_dir=$out
+      done ;;
     less_mse)  # issue 4: held-out attention-output MSE of LESS kernels by context length (results/less)
       [ -f "$less_kernels" ] || make less-kernels
       lambda_short=$kernels_root/smollm2_135m_lambda_0.3
@@ -107,6 +117,6 @@ for step in $steps; do
         --lengths 512 2048 4096 8192 ;;
     bench)  # issue 3: decode-step time per policy at 4k on CPU, and the ragged-layout comparison
       $PY scripts/bench_decode.py --context 4096 --budget 0.3 --repeats 2 --out results/bench ;;
-    *) echo "unknown step '$step'; valid: baselines longbench ruler bench seed seed6k ruler_all less less_long less_mse" >&2; exit 2 ;;
+    *) echo "unknown step '$step'; valid: baselines longbench ruler bench seed seed6k ruler_all less less_long less_dense less_mse" >&2; exit 2 ;;
   esac
 done

@@ -6,9 +6,10 @@ import torch
 
 from kvbench.attention import Engine
 from kvbench.batching import collate
-from kvbench.generate import generate
+from kvbench.generate import generate, teacher_forced_nll
 from kvbench.policies.base import Budget
 from kvbench.policies.full import FullCache
+from kvbench.policies.streaming_llm import StreamingLLMPolicy
 
 
 def _prompts(data_dir, tokenizer, sizes):
@@ -75,3 +76,25 @@ def test_cache_holds_every_token_and_no_hooks_remain(tiny, data_dir):
     assert model.config._attn_implementation != "kvbench"
     assert not any(hasattr(module, "kvbench_engine") for module in model.modules())
     assert torch.isclose(engine.kept_fraction(), torch.ones(1, dtype=torch.float64)).all()
+
+
+def test_teacher_forced_nll_full_cache_equals_one_forward_pass(smollm2, data_dir):
+    """Full cache: each target's NLL equals the plain model's on prompt + targets; budget 1.0 changes nothing and
+    a small window raises it."""
+    model, tokenizer = smollm2
+    model.set_attn_implementation("sdpa")
+    essay = (data_dir / "haystack" / "PaulGrahamEssays" / "addiction.txt").read_text()
+    ids = tokenizer.encode(essay, add_special_tokens=False)
+    prompts, targets = [ids[:300], ids[50:250]], torch.tensor([ids[300:332], ids[250:282]])
+    batch = collate([[p, []] for p in prompts], tokenizer.pad_token_id, "cpu")
+    ours = teacher_forced_nll(model, _engine(model), batch, targets, chunk_size=128)
+    for row, prompt in enumerate(prompts):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt + targets[row].tolist()])).logits[0, len(prompt) - 1 : -1]
+        reference = torch.nn.functional.cross_entropy(logits.float(), targets[row], reduction="none")
+        torch.testing.assert_close(ours[row], reference, atol=2e-4, rtol=1e-4)
+    window = StreamingLLMPolicy(n_sink=4)
+    same = teacher_forced_nll(model, _engine(model, window, Budget("fraction", 1.0)), batch, targets, chunk_size=128)
+    torch.testing.assert_close(same, ours, atol=2e-4, rtol=1e-4)
+    small = teacher_forced_nll(model, _engine(model, window, Budget("tokens", 16)), batch, targets, chunk_size=128)
+    assert small.mean() > ours.mean() + 0.5

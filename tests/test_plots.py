@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import matplotlib.image
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -127,6 +130,39 @@ def test_less_gap_recovered_values(fixture_dir):
     full, h2o, less = score("full", None), score("h2o", 0.1), score("less", 0.1)
     assert row["gap_recovered_pct"] == pytest.approx(100 * (less - h2o) / (full - h2o))
     assert row["less_minus_base"] == pytest.approx(less - h2o)
+
+
+def test_less_gap_compares_on_the_examples_less_was_run_on(fixture_dir, tmp_path):
+    """With the rows, a LESS row that has only the 2k passkey examples is compared with full and base on those
+    (not with their 2k + 4k means), and the average is the mean of the per-task values."""
+    root = tmp_path / "results"
+    shutil.copytree(fixture_dir, root)
+    df = results.load(root)
+    less_row = df[(df["policy"] == "less") & (df["task"] == "passkey") & (df["budget_x"] == 0.1)].iloc[0]
+    path = Path(less_row["results_dir"]) / "predictions" / f"{less_row['config_hash']}.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    kept = [r for r in records if r["meta"]["length"] == 2048]
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    df = results.load(root)
+    table = plots.less_gap_table(results.summary(df), df)
+    ids = {r["id"] for r in kept}
+
+    def mean_on_kept(policy: str, budget: float | None) -> float:
+        rows = df[(df["task"] == "passkey") & (df["policy"] == policy)]
+        row = rows[rows["budget_x"] == budget].iloc[0] if budget else rows.iloc[0]
+        return 100 * float(np.mean([r["score"] for r in results.predictions(row) if r["id"] in ids]))
+
+    row = table[(table["task"] == "passkey") & (table["budget"] == "0.1")].iloc[0]
+    assert 0 < len(ids) < len(records)
+    assert row["full"] == pytest.approx(mean_on_kept("full", None))
+    assert row["base_score"] == pytest.approx(mean_on_kept("h2o", 0.1))
+    assert row["less_score"] == pytest.approx(mean_on_kept("less", 0.1))
+    per_setting = table[(table["budget"] == "0.1") & (table["task"] != results.MACRO)]
+    macro = table[(table["budget"] == "0.1") & (table["task"] == results.MACRO)].iloc[0]
+    assert macro["full"] == pytest.approx(per_setting["full"].mean())
+    assert macro["gap_recovered_pct"] == pytest.approx(
+        100 * (macro["less_score"] - macro["base_score"]) / (macro["full"] - macro["base_score"])
+    )
 
 
 def test_less_gap_is_undefined_when_the_base_is_not_below_full(fixture_dir):
