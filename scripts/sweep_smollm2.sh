@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The committed SmolLM2 results (CPU, fp32), in priority order. Every step is resumable: rerunning skips rows
 # already in results.jsonl and resumes half-done tasks from their flushed predictions.
-#   scripts/sweep_smollm2.sh [step ...]     steps: baselines longbench ruler bench seed seed6k ruler_all less less_long less_dense less_mse
+#   scripts/sweep_smollm2.sh [step ...]     steps: baselines longbench ruler bench seed seed6k ruler_all less less_long less_dense less_ppl less_mse
 # Two steps can share the 2 CPU cores as two single-threaded processes (OMP_NUM_THREADS=1); their speed columns
 # then describe that setting, and scripts/bench_decode.py (step bench, run alone) is the speed reference.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 kv() { $PY -m kvbench "$@" progress=false; }
-steps=${*:-baselines longbench ruler bench seed seed6k ruler_all less less_long less_dense less_mse}
+steps=${*:-baselines longbench ruler bench seed seed6k ruler_all less less_long less_dense less_ppl less_mse}
 kernels_root=${KVBENCH_CACHE:-$HOME/.cache/kvbench}/less
 less_kernels=$kernels_root/smollm2_135m_h2o_0.1/kernels.safetensors
 all_policies=random,knorm,streaming_llm,h2o,scissorhands,tova,snapkv,pyramidkv,corm,fixed_capacity
@@ -108,6 +108,14 @@ for step in $steps; do
         kv $policy task=passkey task.name=passkey_dense task.n_per_cell=3 "$depths" batch_size=3 results_dir=$out
         kv $policy task=needle task.name=needle_dense "$depths" batch_size=3 results_dir=$out
       done ;;
+    less_ppl)  # issue 4: perplexity of held-out text (multi_news) under LESS against its base and the base at
+      # LESS's memory (plus R/2 = 4 entries per head), the paper's Table-2 measurement, at 2k and 4k prefixes
+      k=$kernels_root/smollm2_135m_lambda_0.3_w12x8192e10
+      for prefix in 2048 4096; do
+        $PY scripts/perplexity.py --prefix $prefix --target 256 --docs 8 --threads "${PPL_THREADS:-2}" \
+          --out results/less/perplexity_$((prefix / 1024))k --run full --run "streaming_llm budget=0.3" \
+          --run "streaming_llm budget=0.3 plus=4" --run "less budget=0.3 base=lambda kernels=$k"
+      done ;;
     less_mse)  # issue 4: held-out attention-output MSE of LESS kernels by context length (results/less)
       [ -f "$less_kernels" ] || make less-kernels
       lambda_short=$kernels_root/smollm2_135m_lambda_0.3
@@ -117,6 +125,6 @@ for step in $steps; do
         --lengths 512 2048 4096 8192 ;;
     bench)  # issue 3: decode-step time per policy at 4k on CPU, and the ragged-layout comparison
       $PY scripts/bench_decode.py --context 4096 --budget 0.3 --repeats 2 --out results/bench ;;
-    *) echo "unknown step '$step'; valid: baselines longbench ruler bench seed seed6k ruler_all less less_long less_dense less_mse" >&2; exit 2 ;;
+    *) echo "unknown step '$step'; valid: baselines longbench ruler bench seed seed6k ruler_all less less_long less_dense less_ppl less_mse" >&2; exit 2 ;;
   esac
 done
