@@ -115,7 +115,13 @@ for step in $steps; do
         $PY scripts/perplexity.py --prefix $prefix --target 256 --docs 8 --threads "${PPL_THREADS:-2}" \
           --out results/less/perplexity_$((prefix / 1024))k --run full --run "streaming_llm budget=0.3" \
           --run "streaming_llm budget=0.3 plus=4" --run "less budget=0.3 base=lambda kernels=$k"
-      done ;;
+      done
+      h=$kernels_root/smollm2_135m_h2o_0.1_w12x2048e10  # the paper's base (H2O) at 0.1, kernels for 2k contexts
+      [ -f "$h/kernels.safetensors" ] || $PY scripts/train_less.py --base h2o --budget 0.1 --windows 12 \
+        --window-tokens 2048 --epochs 10 --loss-rows 1024 --spill "${TMPDIR:-/tmp}" --threads 2 --out "$h"
+      $PY scripts/perplexity.py --prefix 2048 --target 256 --docs 8 --threads "${PPL_THREADS:-2}" \
+        --out results/less/perplexity_h2o_2k --run full --run "h2o budget=0.1" --run "h2o budget=0.1 plus=4" \
+        --run "less budget=0.1 kernels=$h" ;;
     less_mse)  # issue 4: held-out attention-output MSE of LESS kernels by context length (results/less)
       [ -f "$less_kernels" ] || make less-kernels
       lambda_short=$kernels_root/smollm2_135m_lambda_0.3
