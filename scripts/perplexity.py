@@ -148,6 +148,7 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    commit = git_commit()  # the code that runs, before this run writes anything
     runs = [parse_run(spec, args.model) for spec in args.run]
     model, tokenizer = load(model_spec(args.model), "cpu", torch.float32)
     docs = documents(args.data_dir, tokenizer, args.prefix + args.target, args.docs)
@@ -163,7 +164,7 @@ def main(argv: list[str]) -> None:
         "target_tokens": args.target,
         "docs": args.docs,
         "device": "cpu",
-        "git_commit": git_commit(),
+        "git_commit": commit,
         "versions": versions(),
         "runs": rows,
     }

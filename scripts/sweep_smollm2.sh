@@ -11,6 +11,11 @@ kv() { $PY -m kvbench "$@" progress=false; }
 steps=${*:-baselines longbench ruler bench seed seed6k ruler_all less less_long less_dense less_ppl less_mse}
 kernels_root=${KVBENCH_CACHE:-$HOME/.cache/kvbench}/less
 less_kernels=$kernels_root/smollm2_135m_h2o_0.1/kernels.safetensors
+h2o_2k=$kernels_root/smollm2_135m_h2o_0.1_w12x2048e10  # LESS kernels for the paper's base (H2O) at 0.1, 2k contexts
+h2o_2k_kernels() {
+  [ -f "$h2o_2k/kernels.safetensors" ] || $PY scripts/train_less.py --base h2o --budget 0.1 --windows 12 \
+    --window-tokens 2048 --epochs 10 --loss-rows 1024 --spill "${TMPDIR:-/tmp}" --threads 2 --out "$h2o_2k"
+}
 all_policies=random,knorm,streaming_llm,h2o,scissorhands,tova,snapkv,pyramidkv,corm,fixed_capacity
 for step in $steps; do
   case $step in
@@ -98,8 +103,9 @@ for step in $steps; do
         results_dir=results/sweeps/synthetic_smollm2
       kv -m +policy=less policy.base=lambda policy.kernels=$k budget=0.3 task=passkey,needle 'task.lengths=[6144]' \
         batch_size=3 results_dir=results/sweeps/synthetic6k_smollm2 ;;
-    less_dense)  # issue 4: LESS (Lambda 0.3, 8192-token kernels) against its base on a denser passkey/needle grid
-      # (11 depths, 3 passkeys per cell, 2k/4k), tasks renamed so their rows stay apart from the 3-depth grid
+    less_dense)  # issue 4: LESS against its base on a denser passkey/needle grid (11 depths, 3 passkeys per cell):
+      # Lambda 0.3 (8192-token kernels) at 2k/4k, H2O 0.1 at 2k; tasks renamed so their rows stay apart from the
+      # 3-depth grid
       out=results/sweeps/less_dense_smollm2
       k=$kernels_root/smollm2_135m_lambda_0.3_w12x8192e10
       depths='task.depths=[0.05,0.15,0.25,0.35,0.45,0.55,0.65,0.7,0.75,0.85,0.95]'
@@ -107,6 +113,12 @@ for step in $steps; do
         "+policy=less policy.base=lambda policy.kernels=$k budget=0.3"; do
         kv $policy task=passkey task.name=passkey_dense task.n_per_cell=3 "$depths" batch_size=3 results_dir=$out
         kv $policy task=needle task.name=needle_dense "$depths" batch_size=3 results_dir=$out
+      done
+      h2o_2k_kernels
+      for policy in "+policy=h2o budget=0.1" "+policy=less policy.kernels=$h2o_2k budget=0.1"; do
+        kv $policy task=passkey task.name=passkey_dense task.n_per_cell=3 "$depths" 'task.lengths=[2048]' \
+          batch_size=3 results_dir=$out
+        kv $policy task=needle task.name=needle_dense "$depths" 'task.lengths=[2048]' batch_size=3 results_dir=$out
       done ;;
     less_ppl)  # issue 4: perplexity of held-out text (multi_news) under LESS against its base and the base at
       # LESS's memory (plus R/2 = 4 entries per head), the paper's Table-2 measurement, at 2k and 4k prefixes
@@ -116,12 +128,10 @@ for step in $steps; do
           --out results/less/perplexity_$((prefix / 1024))k --run full --run "streaming_llm budget=0.3" \
           --run "streaming_llm budget=0.3 plus=4" --run "less budget=0.3 base=lambda kernels=$k"
       done
-      h=$kernels_root/smollm2_135m_h2o_0.1_w12x2048e10  # the paper's base (H2O) at 0.1, kernels for 2k contexts
-      [ -f "$h/kernels.safetensors" ] || $PY scripts/train_less.py --base h2o --budget 0.1 --windows 12 \
-        --window-tokens 2048 --epochs 10 --loss-rows 1024 --spill "${TMPDIR:-/tmp}" --threads 2 --out "$h"
+      h2o_2k_kernels
       $PY scripts/perplexity.py --prefix 2048 --target 256 --docs 8 --threads "${PPL_THREADS:-2}" \
         --out results/less/perplexity_h2o_2k --run full --run "h2o budget=0.1" --run "h2o budget=0.1 plus=4" \
-        --run "less budget=0.1 kernels=$h" ;;
+        --run "less budget=0.1 kernels=$h2o_2k" ;;
     less_mse)  # issue 4: held-out attention-output MSE of LESS kernels by context length (results/less)
       [ -f "$less_kernels" ] || make less-kernels
       lambda_short=$kernels_root/smollm2_135m_lambda_0.3
