@@ -138,7 +138,9 @@ for step in $steps; do
       [ -f "$lambda_short/kernels.safetensors" ] || $PY scripts/train_less.py --base lambda --budget 0.3 --threads 2
       $PY scripts/table_less_mse_by_length.py "$(dirname "$less_kernels")" --lengths 512 2048 4096
       $PY scripts/table_less_mse_by_length.py "$lambda_short" "$kernels_root/smollm2_135m_lambda_0.3_w12x8192e10" \
-        --lengths 512 2048 4096 8192 ;;
+        --lengths 512 2048 4096 8192
+      h2o_2k_kernels
+      $PY scripts/table_less_mse_by_length.py "$h2o_2k" --lengths 2048 4096 ;;
     bench)  # issue 3: decode-step time per policy at 4k on CPU, and the ragged-layout comparison
       $PY scripts/bench_decode.py --context 4096 --budget 0.3 --repeats 2 --out results/bench ;;
     *) echo "unknown step '$step'; valid: baselines longbench ruler bench seed seed6k ruler_all less less_long less_dense less_ppl less_mse" >&2; exit 2 ;;
