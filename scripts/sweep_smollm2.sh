@@ -11,6 +11,11 @@ kv() { $PY -m kvbench "$@" progress=false; }
 steps=${*:-baselines longbench ruler bench seed seed6k ruler_all less less_long less_dense less_ppl less_mse}
 kernels_root=${KVBENCH_CACHE:-$HOME/.cache/kvbench}/less
 less_kernels=$kernels_root/smollm2_135m_h2o_0.1/kernels.safetensors
+lambda_8k=$kernels_root/smollm2_135m_lambda_0.3_w12x8192e10  # LESS kernels, Lambda base at 0.3, the model's length
+lambda_8k_kernels() {
+  [ -f "$lambda_8k/kernels.safetensors" ] || $PY scripts/train_less.py --base lambda --budget 0.3 --windows 12 \
+    --window-tokens 8192 --epochs 10 --loss-rows 2048 --spill "${TMPDIR:-/tmp}" --threads 2 --out "$lambda_8k"
+}
 h2o_2k=$kernels_root/smollm2_135m_h2o_0.1_w12x2048e10  # LESS kernels for the paper's base (H2O) at 0.1, 2k contexts
 h2o_2k_kernels() {
   [ -f "$h2o_2k/kernels.safetensors" ] || $PY scripts/train_less.py --base h2o --budget 0.1 --windows 12 \
@@ -96,21 +101,19 @@ for step in $steps; do
         results_dir=results/sweeps/synthetic_smollm2 ;;
     less_long)  # issue 4: LESS (Lambda base, 0.3) with kernels trained on windows of the model's full length (8192
       # tokens, the paper's choice; captures spilled to disk), on passkey/needle 2k-6k against StreamingLLM
-      k=$kernels_root/smollm2_135m_lambda_0.3_w12x8192e10
-      [ -f "$k/kernels.safetensors" ] || $PY scripts/train_less.py --base lambda --budget 0.3 --windows 12 \
-        --window-tokens 8192 --epochs 10 --loss-rows 2048 --spill "${TMPDIR:-/tmp}" --threads 2 --out "$k"
-      kv -m +policy=less policy.base=lambda policy.kernels=$k budget=0.3 task=passkey,needle batch_size=3 \
+      lambda_8k_kernels
+      kv -m +policy=less policy.base=lambda policy.kernels=$lambda_8k budget=0.3 task=passkey,needle batch_size=3 \
         results_dir=results/sweeps/synthetic_smollm2
-      kv -m +policy=less policy.base=lambda policy.kernels=$k budget=0.3 task=passkey,needle 'task.lengths=[6144]' \
-        batch_size=3 results_dir=results/sweeps/synthetic6k_smollm2 ;;
+      kv -m +policy=less policy.base=lambda policy.kernels=$lambda_8k budget=0.3 task=passkey,needle \
+        'task.lengths=[6144]' batch_size=3 results_dir=results/sweeps/synthetic6k_smollm2 ;;
     less_dense)  # issue 4: LESS against its base on a denser passkey/needle grid (11 depths, 3 passkeys per cell):
       # Lambda 0.3 (8192-token kernels) at 2k/4k, H2O 0.1 at 2k; tasks renamed so their rows stay apart from the
       # 3-depth grid
       out=results/sweeps/less_dense_smollm2
-      k=$kernels_root/smollm2_135m_lambda_0.3_w12x8192e10
+      lambda_8k_kernels
       depths='task.depths=[0.05,0.15,0.25,0.35,0.45,0.55,0.65,0.7,0.75,0.85,0.95]'
       for policy in "" "+policy=streaming_llm budget=0.3" \
-        "+policy=less policy.base=lambda policy.kernels=$k budget=0.3"; do
+        "+policy=less policy.base=lambda policy.kernels=$lambda_8k budget=0.3"; do
         kv $policy task=passkey task.name=passkey_dense task.n_per_cell=3 "$depths" batch_size=3 results_dir=$out
         kv $policy task=needle task.name=needle_dense "$depths" batch_size=3 results_dir=$out
       done
@@ -122,11 +125,11 @@ for step in $steps; do
       done ;;
     less_ppl)  # issue 4: perplexity of held-out text (multi_news) under LESS against its base and the base at
       # LESS's memory (plus R/2 = 4 entries per head), the paper's Table-2 measurement, at 2k and 4k prefixes
-      k=$kernels_root/smollm2_135m_lambda_0.3_w12x8192e10
+      lambda_8k_kernels
       for prefix in 2048 4096; do
         $PY scripts/perplexity.py --prefix $prefix --target 256 --docs 8 --threads "${PPL_THREADS:-2}" \
           --out results/less/perplexity_$((prefix / 1024))k --run full --run "streaming_llm budget=0.3" \
-          --run "streaming_llm budget=0.3 plus=4" --run "less budget=0.3 base=lambda kernels=$k"
+          --run "streaming_llm budget=0.3 plus=4" --run "less budget=0.3 base=lambda kernels=$lambda_8k"
       done
       h2o_2k_kernels
       $PY scripts/perplexity.py --prefix 2048 --target 256 --docs 8 --threads "${PPL_THREADS:-2}" \
@@ -137,8 +140,8 @@ for step in $steps; do
       lambda_short=$kernels_root/smollm2_135m_lambda_0.3
       [ -f "$lambda_short/kernels.safetensors" ] || $PY scripts/train_less.py --base lambda --budget 0.3 --threads 2
       $PY scripts/table_less_mse_by_length.py "$(dirname "$less_kernels")" --lengths 512 2048 4096
-      $PY scripts/table_less_mse_by_length.py "$lambda_short" "$kernels_root/smollm2_135m_lambda_0.3_w12x8192e10" \
-        --lengths 512 2048 4096 8192
+      lambda_8k_kernels
+      $PY scripts/table_less_mse_by_length.py "$lambda_short" "$lambda_8k" --lengths 512 2048 4096 8192
       h2o_2k_kernels
       $PY scripts/table_less_mse_by_length.py "$h2o_2k" --lengths 2048 4096 ;;
     bench)  # issue 3: decode-step time per policy at 4k on CPU, and the ragged-layout comparison
