@@ -54,3 +54,15 @@ def collate(encoded: list[list[list[int]]], pad_id: int, device: torch.device | 
         attention_mask=torch.tensor(masks, dtype=torch.long, device=device),
         split=widths[0],
     )
+
+
+def length_grouped(examples: list[Example], size: int, window: int = 16) -> list[list[Example]]:
+    """Batches of ``size`` examples of similar length, so that left padding stays small: within each window
+    of ``window`` batches the examples are sorted by prompt length (characters, a proxy of tokens). Rows are
+    keyed by example id, so a task's results keep the task's order whatever the batch order."""
+    batches = []
+    span = size * window
+    for start in range(0, len(examples), span):
+        ordered = sorted(examples[start : start + span], key=lambda example: len(example.prompt))
+        batches += [ordered[i : i + size] for i in range(0, len(ordered), size)]
+    return batches

@@ -53,6 +53,8 @@ def synchronize(device: torch.device) -> None:
 def prefill(model, engine: Engine, batch: Batch, chunk_size: int, evict_per_chunk: bool) -> torch.Tensor:
     """Run the prompt through the model in chunks; returns the last position's logits [B, V]."""
     positions = batch.positions
+    width = batch.input_ids.shape[1]
+    pads = [width - length for length in engine.prompt_lengths_host]  # left padding per example (host)
     query_rows = engine.policy.query_rows
     logits = None
     spans = [(s, min(s + chunk_size, batch.split)) for s in range(0, batch.split, chunk_size)]
@@ -72,21 +74,32 @@ def prefill(model, engine: Engine, batch: Batch, chunk_size: int, evict_per_chun
             phase="prefill",
             evict=compressed and (last_chunk or evict_per_chunk),
             rows_from=rows_from,
+            seen=[max(0, end - pad) for pad in pads],
+            padded=any(pad > start for pad in pads),
         )
         logits = model(
             input_ids=batch.input_ids[:, start:end],
             position_ids=engine.rope_positions(positions[:, start:end]),
+            attention_mask=_unused_mask(positions[:, start:end]),
             use_cache=False,
             logits_to_keep=1,
         ).logits[:, -1]
     return logits
 
 
-def decode_step(model, engine: Engine, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Feed one token per example at ``positions`` [B]; the policy may evict after it. Returns logits [B, V]."""
-    engine.step = Step(positions=positions[:, None], phase="decode", evict=True)
+def decode_step(model, engine: Engine, tokens: torch.Tensor, positions: torch.Tensor, seen: list[int]) -> torch.Tensor:
+    """Feed one token per example at ``positions`` [B] (host copy: ``seen`` = positions + 1); the policy may
+    evict after it. Returns logits [B, V]."""
+    engine.step = Step(positions=positions[:, None], phase="decode", evict=True, seen=seen, padded=False)
     rope = engine.rope_positions(positions[:, None])
-    return model(input_ids=tokens[:, None], position_ids=rope, use_cache=False).logits[:, -1]
+    mask = _unused_mask(rope)
+    return model(input_ids=tokens[:, None], position_ids=rope, attention_mask=mask, use_cache=False).logits[:, -1]
+
+
+def _unused_mask(positions: torch.Tensor) -> torch.Tensor:
+    """An all-true 2-D mask for transformers, which kvbench's attention ignores (positions decide). Given one,
+    transformers skips its packed-sequence check of ``position_ids``, a host read per forward."""
+    return torch.ones(positions.shape, dtype=torch.bool, device=positions.device)
 
 
 @torch.inference_mode()
@@ -119,25 +132,26 @@ def generate(
         reset_peak(device)
         start = time.perf_counter()
         outputs: list[list[int]] = [[] for _ in range(len(lengths))]
-        done = torch.zeros(len(lengths), dtype=torch.bool, device=device)
+        done = [False] * len(lengths)
+        rows = torch.arange(len(lengths), device=device)
         n_decode = 0
         for step in range(max_new_tokens):
-            for row in range(len(outputs)):
+            for row, token in enumerate(next_tokens.tolist()):  # the step's one read of the device
                 if done[row]:
                     continue
-                token = int(next_tokens[row])
                 if token in stop_ids:
                     done[row] = True
                     continue
                 outputs[row].append(token)
                 if stopped is not None and stopped(row, outputs[row]):
                     done[row] = True
-            if bool(done.all()) or step == max_new_tokens - 1:
+            if all(done) or step == max_new_tokens - 1:
                 break
             positions = lengths + step
-            engine.token_ids[torch.arange(len(lengths)), positions] = next_tokens
-            next_tokens = decode_step(model, engine, next_tokens, positions).argmax(-1)
-            n_decode += int((~done).sum())
+            engine.token_ids[rows, positions] = next_tokens
+            seen = [length + step + 1 for length in engine.prompt_lengths_host]
+            next_tokens = decode_step(model, engine, next_tokens, positions, seen).argmax(-1)
+            n_decode += done.count(False)
         synchronize(device)
         decode_s = time.perf_counter() - start
     return Generation(
@@ -172,7 +186,8 @@ def teacher_forced_nll(
                 break
             positions = lengths + step
             engine.token_ids[rows, positions] = targets[:, step]
-            logits = decode_step(model, engine, targets[:, step], positions)
+            seen = [length + step + 1 for length in engine.prompt_lengths_host]
+            logits = decode_step(model, engine, targets[:, step], positions, seen)
     return torch.stack(nll, 1)
 
 
@@ -180,10 +195,13 @@ def _bind(engine: Engine, batch: Batch, max_new_tokens: int) -> torch.Tensor:
     """Give ``engine`` the batch's prompt lengths, token ids and held-out split; returns the lengths [B]."""
     lengths = batch.attention_mask.long().sum(-1)
     engine.prompt_lengths = lengths
+    engine.prompt_lengths_host = lengths.tolist()
     engine.token_ids = _ids_by_position(batch, max_new_tokens)
     if batch.split < batch.input_ids.shape[1]:
         engine.compressed_lengths = batch.attention_mask[:, : batch.split].long().sum(-1)
         engine.held_out = batch.attention_mask[:, batch.split :].long().sum(-1)
+        engine.compressed_lengths_host = engine.compressed_lengths.tolist()
+        engine.held_out_host = engine.held_out.tolist()
     return lengths
 
 

@@ -11,6 +11,7 @@ import resource
 from pathlib import Path
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 CLEAR_REFS = Path("/proc/self/clear_refs")
 STATUS = Path("/proc/self/status")
@@ -46,3 +47,25 @@ def peak_kind(device: torch.device) -> str:
         return "cpu_rss_high_water_per_phase"
     except OSError:
         return "cpu_max_rss_lifetime"
+
+
+# Tensor methods that make the host wait for a value computed on the device.
+HOST_READS = frozenset({"item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy"})
+
+
+class HostSyncCounter(TorchFunctionMode):
+    """Counts host-blocking tensor reads (``HOST_READS``) made inside the block.
+
+    On a GPU each one drains the launch queue; on a CPU it measures the same structure of the code.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        if name in HOST_READS:
+            self.count += 1
+        return func(*args, **kwargs)

@@ -27,7 +27,7 @@ from tqdm import tqdm
 import kvbench
 from kvbench import models
 from kvbench.attention import KERNELS, Engine
-from kvbench.batching import PROTOCOLS, collate, encode
+from kvbench.batching import PROTOCOLS, collate, encode, length_grouped
 from kvbench.errors import UserError
 from kvbench.generate import Batch, generate
 from kvbench.measure import peak_kind
@@ -37,7 +37,7 @@ from kvbench.store import ResultStore
 from kvbench.tasks.base import Example, Task
 
 # Keys that do not change what a run computes; they stay out of the configuration hash.
-UNHASHED = ("results_dir", "data_dir", "logger", "sweep_id", "batch_size", "diagnostics", "progress", "attention")
+UNHASHED = ("results_dir", "data_dir", "logger", "sweep_id", "batch_size", "progress", "attention")
 
 
 @dataclass
@@ -199,10 +199,10 @@ class Runner:
         started = time.perf_counter()
         size = int(cfg.batch_size)
         with tqdm(total=len(todo), desc=task.name, unit="ex", disable=not cfg.progress or not todo) as bar:
-            for start in range(0, len(todo), size):
-                for record in self._run_batch(task, todo[start : start + size]):
+            for batch in length_grouped(todo, size) if size > 1 else [[example] for example in todo]:
+                for record in self._run_batch(task, batch):
                     store.add_prediction(key, record)
-                bar.update(len(todo[start : start + size]))
+                bar.update(len(batch))
         records = [store.predictions(key)[example.id] for example in examples]
         row = self._row(task, key, records, time.perf_counter() - started)
         store.add_row(row)
@@ -309,6 +309,7 @@ class Runner:
             "device": self.device.type,
             "dtype": str(self.dtype).removeprefix("torch."),
             "attention": cfg.attention,
+            "diagnostics": bool(cfg.diagnostics),
             "batch_size": int(cfg.batch_size),
             "limit": cfg.limit,
             "seed": int(cfg.seed),

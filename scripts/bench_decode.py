@@ -3,6 +3,10 @@ same kept length; plus the ragged-cache layout comparison (padded + mask vs flat
 
     .venv/bin/python scripts/bench_decode.py --context 4096 --budget 0.3 --out results/bench
 
+Every ``decode`` row has ``policy``, ``context``, ``ms_per_step``, ``kept_fraction`` and
+``host_syncs_per_step`` (counted with a TorchFunctionMode over the decode steps); ``hf_generate`` holds HF
+``model.generate``'s own decode step at the same context and at the kept length, measured in the same run.
+
 Writes ``decode_step_<device>.json`` and ``.md`` under ``--out``. Numbers are medians over repeats; on CPU the
 thread count is fixed so runs compare. This is a benchmark, not a test: no thresholds.
 """
@@ -21,10 +25,8 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from kvbench.attention import Engine
-from kvbench.batching import collate
+from kvbench.bench import host_syncs_per_step, time_hf_generate, time_kvbench
 from kvbench.config import CONFIG_DIR, model_spec, options
-from kvbench.generate import generate
 from kvbench.models import load
 from kvbench.policies.base import Budget
 from kvbench.policies.full import FullCache
@@ -38,19 +40,10 @@ def prompt_ids(tokenizer, n_tokens: int, data_dir: Path) -> list[int]:
     return tokenizer.encode(essays, add_special_tokens=False)[:n_tokens]
 
 
-def decode_step_ms(model, tokenizer, policy, budget, ids, steps: int, repeats: int) -> tuple[float, float]:
-    """Median milliseconds per decode step, and the kept fraction at the end."""
-    config = model.config
-    group = config.num_attention_heads // config.num_key_value_heads
-    policy.bind(tokenizer)
-    times, kept = [], float("nan")
-    for _ in range(repeats):
-        engine = Engine(policy, budget, config.num_hidden_layers, group)
-        batch = collate([[ids, []]], tokenizer.pad_token_id, "cpu")
-        out = generate(model, engine, batch, steps + 1, set(), chunk_size=1024)
-        times.append(1000 * out.decode_s / steps)
-        kept = float(engine.kept_fraction()[0])
-    return statistics.median(times), kept
+def policy_factory(name: str):
+    if name == "full":
+        return FullCache
+    return lambda: instantiate(OmegaConf.load(CONFIG_DIR / "policy" / f"{name}.yaml"))
 
 
 def ragged_layout(lengths: list[int], dim: int, group: int, repeats: int) -> dict:
@@ -115,18 +108,45 @@ def main(argv: list[str]) -> None:
     ids = prompt_ids(tokenizer, args.context, args.data_dir)
     kept_len = round(args.budget * args.context)
     budget = Budget("fraction", args.budget)
-    rows = []
-    base_ms, _ = decode_step_ms(model, tokenizer, FullCache(), Budget(), ids, args.steps, args.repeats)
-    short_ms, _ = decode_step_ms(model, tokenizer, FullCache(), Budget(), ids[:kept_len], args.steps, args.repeats)
-    rows.append({"policy": "full", "context": args.context, "ms_per_step": base_ms, "kept_fraction": 1.0})
-    rows.append({"policy": "full", "context": kept_len, "ms_per_step": short_ms, "kept_fraction": 1.0})
+    # HF generate and kvbench's full cache, at the context and at the kept length, interleaved per repeat.
+    samples: dict[str, list[float]] = {"hf": [], "hf_kept": [], "full": [], "full_kept": []}
+    for _ in range(args.repeats):
+        samples["hf"].append(time_hf_generate(model, [ids], args.steps, "cpu").decode_ms_per_step)
+        samples["full"].append(time_kvbench(model, tokenizer, FullCache, Budget(), [ids], args.steps, "cpu"))
+        samples["hf_kept"].append(time_hf_generate(model, [ids[:kept_len]], args.steps, "cpu").decode_ms_per_step)
+        kept_ids = [ids[:kept_len]]
+        samples["full_kept"].append(time_kvbench(model, tokenizer, FullCache, Budget(), kept_ids, args.steps, "cpu"))
+    hf_ms, hf_kept_ms = statistics.median(samples["hf"]), statistics.median(samples["hf_kept"])
+    base_ms = statistics.median(t.decode_ms_per_step for t in samples["full"])
+    short_ms = statistics.median(t.decode_ms_per_step for t in samples["full_kept"])
+    sync_ids = [ids[:512]]  # host syncs do not depend on the context; a short prompt counts them quickly
+    full_syncs = host_syncs_per_step(model, tokenizer, FullCache, Budget(), sync_ids, "cpu")
+    rows = [
+        {"policy": "full", "context": args.context, "ms_per_step": base_ms, "kept_fraction": 1.0},
+        {"policy": "full", "context": kept_len, "ms_per_step": short_ms, "kept_fraction": 1.0},
+    ]
+    for row in rows:
+        row["host_syncs_per_step"] = full_syncs
     names = args.policies or [n for n in options("policy") if n != "full" and n not in NEEDS_PARAMS]
     for name in names:
-        policy = instantiate(OmegaConf.load(CONFIG_DIR / "policy" / f"{name}.yaml"))
-        policy_budget = budget if policy.needs_budget else Budget()
-        ms, kept = decode_step_ms(model, tokenizer, policy, policy_budget, ids, args.steps, args.repeats)
-        rows.append({"policy": name, "context": args.context, "ms_per_step": ms, "kept_fraction": kept})
-        print(f"{name:16s} {ms:8.1f} ms/step  kept {kept:.3f}", flush=True)
+        make = policy_factory(name)
+        policy_budget = budget if make().needs_budget else Budget()
+        timings = [
+            time_kvbench(model, tokenizer, make, policy_budget, [ids], args.steps, "cpu") for _ in range(args.repeats)
+        ]
+        ms = statistics.median(t.decode_ms_per_step for t in timings)
+        kept = timings[-1].kept_fraction
+        syncs = host_syncs_per_step(model, tokenizer, make, policy_budget, sync_ids, "cpu")
+        rows.append(
+            {
+                "policy": name,
+                "context": args.context,
+                "ms_per_step": ms,
+                "kept_fraction": kept,
+                "host_syncs_per_step": syncs,
+            }
+        )
+        print(f"{name:16s} {ms:8.1f} ms/step  kept {kept:.3f}  syncs/step {syncs:.1f}", flush=True)
     group = model.config.num_attention_heads // model.config.num_key_value_heads
     dim = model.config.head_dim
     ragged = [ragged_layout(lengths, dim, group, args.repeats) for lengths in ([4096, 2048, 512], [4096, 4000, 3900])]
@@ -140,6 +160,7 @@ def main(argv: list[str]) -> None:
         "git_commit": git_commit(),
         "versions": versions(),
         "decode": rows,
+        "hf_generate": {"ms_per_step": hf_ms, "ms_per_step_at_kept_length": hf_kept_ms, "kept_length": kept_len},
         "ragged_layout": ragged,
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -149,13 +170,18 @@ def main(argv: list[str]) -> None:
         "",
         f"Command: `{report['command']}` at commit `{report['git_commit']}`.",
         "",
-        "| policy | context | kept fraction | ms / decode step | vs full at same context | vs full at kept length |",
-        "|---|---|---|---|---|---|",
+        f"HF generate (DynamicCache), same run, interleaved: {hf_ms:.1f} ms/step at {args.context} tokens, "
+        f"{hf_kept_ms:.1f} ms/step at the kept length {kept_len}.",
+        "",
+        "| policy | context | kept fraction | ms / decode step | vs HF at same context | vs HF at kept length "
+        "| host syncs / step |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
             f"| {row['policy']} | {row['context']} | {row['kept_fraction']:.3f} | {row['ms_per_step']:.1f} | "
-            f"{row['ms_per_step'] / base_ms:.2f}x | {row['ms_per_step'] / short_ms:.2f}x |"
+            f"{row['ms_per_step'] / hf_ms:.2f}x | {row['ms_per_step'] / hf_kept_ms:.2f}x | "
+            f"{row['host_syncs_per_step']:.1f} |"
         )
     lines += ["", "Ragged layout, one decode attention (one layer, 3 KV heads, GQA 3):", ""]
     lines += [

@@ -59,7 +59,7 @@ def test_cheap_masks_equal_the_boolean_mask(case):
         "decode after eviction": "none",
         "first chunk": "is_causal",
         "later chunk, no GQA": "CausalBias",
-        "later chunk, GQA": "Tensor",
+        "later chunk, GQA": "CausalBias",
     }[case]
     kind = "is_causal" if masking.get("is_causal") else type(masking.get("attn_mask", None)).__name__
     assert kind.replace("NoneType", "none") == expected

@@ -67,3 +67,14 @@ def test_real_tasks_run_end_to_end(task, protocol, make_config):
     (row,) = run(cfg)
     assert row["protocol"] == protocol and row["task"] == task and row["n_examples"] == 1
     assert 0 < row["kv_kept_fraction"] < 0.45
+
+
+def test_batches_are_grouped_by_length_within_a_window():
+    from kvbench.batching import length_grouped
+    from kvbench.tasks.base import Example
+
+    lengths = [5, 90, 10, 80, 20, 70, 30, 60]
+    examples = [Example(id=str(i), prompt="x" * n, answers=[]) for i, n in enumerate(lengths)]
+    batches = length_grouped(examples, 2, window=2)  # windows of 4 examples
+    assert [[len(e.prompt) for e in batch] for batch in batches] == [[5, 10], [80, 90], [20, 30], [60, 70]]
+    assert sorted(e.id for batch in batches for e in batch) == sorted(e.id for e in examples)

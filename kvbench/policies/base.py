@@ -59,6 +59,14 @@ class Budget:
             return torch.clamp(torch.floor(seen.double() * self.value + 1e-9).long(), min=1)
         return None
 
+    def capacity_host(self, seen: list[int]) -> list[int] | None:
+        """``capacity`` on host numbers: the same rule, with no tensor read."""
+        if self.kind == "tokens":
+            return [int(self.value)] * len(seen)
+        if self.kind == "fraction":
+            return [max(1, math.floor(t * self.value + 1e-9)) for t in seen]
+        return None
+
     def label(self) -> float | int | None:
         return self.value
 
@@ -76,6 +84,8 @@ class Context:
     token_ids: torch.Tensor  # [B, P] token id at each position (-1 where none)
     group_size: int  # query heads per KV head
     inv_freq: torch.Tensor | None = None  # the model's RoPE frequencies [D/2] (for re-rotating keys)
+    capacity_host: list[int] | None = None  # ``capacity`` as host numbers (decisions without a device read)
+    seen_host: list[int] | None = None  # ``seen`` as host numbers
 
 
 @dataclass
@@ -88,6 +98,7 @@ class Policy:
     needs_budget = True
     kv_masked = False
     position_shift = False  # RoPE positions = rank among held slots (StreamingLLM's variant), not original
+    heads_aligned = False  # the keep mask is the same for every KV head (position-only rules)
 
     def bind(self, tokenizer: Any) -> None:
         """Receive the model's tokenizer before the run (policies that read token ids, e.g. FastGen)."""
@@ -114,9 +125,22 @@ class Policy:
         return output
 
     def evict(self, layer: LayerCache, ctx: Context) -> None:
+        """The one eviction step: ``select``, then ``before_keep`` (merging, folding, re-rotating what goes),
+        then the cut, with the kept length known on the host when ``kept_length`` can tell it."""
         keep = self.select(layer, ctx)
-        if keep is not None:
-            layer.keep(keep)
+        if keep is None:
+            return
+        self.before_keep(layer, keep, ctx)
+        length, exact = self.kept_length(layer, ctx)
+        layer.keep(keep, length, exact, aligned=self.heads_aligned)
+
+    def before_keep(self, layer: LayerCache, keep: torch.Tensor, ctx: Context) -> None:
+        """Act on the slots about to go (``layer.valid & ~keep``) before they are freed (default: nothing)."""
+
+    def kept_length(self, layer: LayerCache, ctx: Context) -> tuple[int | None, bool]:
+        """Host bound on the slots any (example, head) keeps, and whether each keeps exactly that many.
+        None: the count depends on the data (threshold rules); the engine reads it once per step."""
+        return None, False
 
     def params(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -144,10 +168,26 @@ class ScorerPolicy(Policy):
     def select(self, layer: LayerCache, ctx: Context) -> torch.Tensor | None:
         if ctx.capacity is None:
             raise UserError(f"policy '{self.name}' needs a budget (budget=<fraction> or budget_tokens=<n>)")
-        capacity = self.layer_capacity(ctx.capacity, ctx)
-        if bool((layer.held() <= capacity[:, None]).all()):
+        if self._uniform_layers and ctx.capacity_host is not None:
+            # Host test: an (example, head) holds at most min(slots, tokens it has seen); none over capacity.
+            bounds = zip(ctx.seen_host, ctx.capacity_host, strict=True)
+            if all(min(layer.length, seen) <= capacity for seen, capacity in bounds):
+                return None
+        elif bool((layer.held() <= self.layer_capacity(ctx.capacity, ctx)[:, None]).all()):
             return None
+        capacity = self.layer_capacity(ctx.capacity, ctx)
         return top_capacity(self.score(layer, ctx), capacity, layer.valid, self.protected(layer, ctx))
+
+    @property
+    def _uniform_layers(self) -> bool:
+        return type(self).layer_capacity is ScorerPolicy.layer_capacity
+
+    def kept_length(self, layer: LayerCache, ctx: Context) -> tuple[int | None, bool]:
+        """Top-k keeps min(held, capacity) per (example, head): known on the host for a uniform capacity."""
+        if not self._uniform_layers or ctx.capacity_host is None:
+            return None, False
+        low, high = min(ctx.capacity_host), max(ctx.capacity_host)
+        return high, not layer.may_have_empty and (low == high or low >= layer.length)
 
 
 def top_capacity(

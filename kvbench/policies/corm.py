@@ -70,6 +70,6 @@ class CORMPolicy(Policy):
         streak = layer.stat("corm_streak", torch.int16)
         protected = recent(layer, ctx, self.r)
         keep = layer.valid & ~((streak.long() >= self.w) & ~protected)
-        if ctx.capacity is not None and bool((keep.sum(-1) > ctx.capacity[:, None]).any()):
+        if ctx.capacity is not None:  # capped: top_capacity keeps all of ``keep`` where it fits
             keep = top_capacity(-streak.float(), ctx.capacity, keep, protected)
-        return None if bool((keep == layer.valid).all()) else keep
+        return keep

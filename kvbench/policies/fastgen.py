@@ -100,6 +100,7 @@ class FastGenPolicy(Policy):
         if self.recovery >= 1:
             layer.extra["fastgen_choice"] = torch.full((batch, heads), FULL, dtype=torch.int8, device=ones.device)
             layer.extra["fastgen_recovery"] = ones
+            layer.host["fastgen_all_full"] = 1
             return
         score, band = layer.stat("fastgen_score"), layer.stat("fastgen_band")  # [B, Hkv, T]
         rows = layer.extra["fastgen_rows"].clamp(min=1)[:, None]  # [B, 1]
@@ -112,10 +113,11 @@ class FastGenPolicy(Policy):
         choice = (recovery >= self.recovery).to(torch.int8).argmax(-1)  # the first set that reaches T
         layer.extra["fastgen_choice"] = choice.to(torch.int8)
         layer.extra["fastgen_recovery"] = recovery
+        layer.host["fastgen_all_full"] = int(bool((choice == FULL).all()))  # read once, at the end of prefill
 
     def select(self, layer: LayerCache, ctx: Context) -> torch.Tensor | None:
         choice = layer.extra.get("fastgen_choice")
-        if choice is None or bool((choice == FULL).all()):
+        if choice is None or layer.host.get("fastgen_all_full"):
             return None
         # Sizes come from the prompt length at profiling (as the profile did) and from the tokens seen after.
         length = ctx.prompt_lengths if ctx.phase == "prefill" else ctx.seen

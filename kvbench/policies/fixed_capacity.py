@@ -69,22 +69,16 @@ class FixedCapacityPolicy(ScorerPolicy):
             return sinks(layer, self.n_sink)
         return recent(layer, ctx, 1)
 
-    def evict(self, layer: LayerCache, ctx: Context) -> None:
-        keep = self.select(layer, ctx)
-        if keep is None:
-            return
+    def before_keep(self, layer: LayerCache, keep: torch.Tensor, ctx: Context) -> None:
         if self.rule == "merge":
             merge_evicted(layer, keep, layer.stat("fixed_capacity"))
-        layer.keep(keep)
 
 
 @torch.no_grad()
 def merge_evicted(layer: LayerCache, keep: torch.Tensor, weight: torch.Tensor) -> None:
     """Fold every evicted slot (valid, not in ``keep`` [B, Hkv, T]) into its most key-similar kept slot,
     in place: keys and values become weight-averaged, ``weight`` [B, Hkv, T] is summed into the kept slot."""
-    evicted = layer.valid & ~keep
-    if not bool(evicted.any()):
-        return
+    evicted = layer.valid & ~keep  # may be empty: then every slot keeps its own keys, values and weight
     batch, heads, length, dim = layer.keys.shape
     unit = F.normalize(layer.keys.float(), dim=-1)  # [B, Hkv, T, D]
     # Nearest kept slot of every slot (only evicted ones are used), in blocks of rows.

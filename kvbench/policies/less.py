@@ -149,20 +149,17 @@ class LESSPolicy(Policy):
             kernels = self._layers[layer_idx] = kernels.to(device)
         return kernels
 
-    def evict(self, layer: LayerCache, ctx: Context) -> None:
-        keep = self.select(layer, ctx)
-        if keep is None:
-            return
-        gone = layer.valid & ~keep  # [B, Hkv, T]
-        if bool(gone.any()):
-            self.fold(layer, gone, ctx)
-        layer.keep(keep)
+    def before_keep(self, layer: LayerCache, keep: torch.Tensor, ctx: Context) -> None:
+        self.fold(layer, layer.valid & ~keep, ctx)
+
+    def kept_length(self, layer: LayerCache, ctx: Context) -> tuple[int | None, bool]:
+        return self._sparse.kept_length(layer, ctx)
 
     @torch.no_grad()
     def fold(self, layer: LayerCache, gone: torch.Tensor, ctx: Context) -> None:
         """Add the evicted pairs (``gone`` [B, Hkv, T]) to the layer's state: z += psi(k), H += psi(k)^T v."""
         counts = gone.sum(-1)  # [B, Hkv]
-        width = int(counts.max())
+        width = layer.length  # a host bound on the evicted count (no device read)
         order = torch.sort((~gone).to(torch.int8), dim=-1, stable=True).indices[..., :width]  # evicted first
         index = order[..., None].expand(*order.shape, layer.keys.shape[-1])
         keys = layer.keys.gather(2, index).float()  # [B, Hkv, E, D]
@@ -201,7 +198,7 @@ class LESSPolicy(Policy):
             rows = slice(start, min(start + ROW_BLOCK, query.shape[2]))
             q = query[:, :, rows].float()
             logits = torch.matmul(q, keys.float().transpose(-1, -2)) * scale  # [B, H, q, T]
-            mask = visible(layer.positions, query_positions[:, rows], group)
+            mask = visible(layer.positions, query_positions[:, rows], group, layer.heads_aligned)
             lse = torch.logsumexp(logits.masked_fill(~mask, float("-inf")), dim=-1)  # [B, H, q]
             blocks.append(combine(output[:, :, rows].float(), lse, kernels.phi(q), state_h, state_z))
         return torch.cat(blocks, dim=2).to(output.dtype)

@@ -55,12 +55,12 @@ class ScissorhandsPolicy(ScorerPolicy):
         bits = layer.stat("scissorhands_bits", torch.uint8, ((self.window + 7) // 8,))  # [B, Hkv, T, bytes]
         # One ring index per layer: padding rows (left padding, before any real row) write zeros, so the
         # last ``window`` ring entries hold each example's last ``window`` real rows.
-        row = int(layer.extra.get("scissorhands_row", torch.zeros((), dtype=torch.long)))
+        row = layer.host.get("scissorhands_row", 0)
         for j in range(n_rows):
             slot = (row + j) % self.window
             byte, mask = slot // 8, 1 << (slot % 8)
             bits[..., byte] = (bits[..., byte] & (255 - mask)) | (unimportant[:, :, j] * mask)
-        layer.extra["scissorhands_row"] = torch.tensor(row + n_rows, dtype=torch.long)
+        layer.host["scissorhands_row"] = row + n_rows
 
     def score(self, layer: LayerCache, ctx: Context) -> torch.Tensor:
         bits = layer.stat("scissorhands_bits", torch.uint8, ((self.window + 7) // 8,))

@@ -24,15 +24,13 @@ class StreamingLLMPolicy(ScorerPolicy):
     n_sink: int = 4
     position_shift: bool = False
 
-    def evict(self, layer: LayerCache, ctx: Context) -> None:
-        keep = self.select(layer, ctx)
-        if keep is None:
-            return
+    heads_aligned = True  # sinks and recency: the same positions in every head
+
+    def before_keep(self, layer: LayerCache, keep: torch.Tensor, ctx: Context) -> None:
         if self.position_shift:
             valid = layer.valid
             delta = (keep & valid).long().cumsum(-1) - valid.long().cumsum(-1)  # new rank - old rank
             layer.keys = rotate(layer.keys, delta, ctx.inv_freq)
-        layer.keep(keep)
 
     def score(self, layer: LayerCache, ctx: Context) -> torch.Tensor:
         # Recent tokens rank by recency; among the sinks the earliest rank first (for budgets below n_sink).

@@ -77,7 +77,7 @@ class Checked:
     def evict(self, layer, ctx):
         before = layer.positions.clone()
         self.original(layer, ctx)
-        self.evictions += int(layer.positions.shape[2] < before.shape[2])
+        self.evictions += int((layer.positions != EMPTY).sum() < (before != EMPTY).sum())
         held = layer.held()
         capacity = self.budget.capacity(ctx.seen)
         if self.policy.phase == "prefill" and ctx.phase == "decode":
