@@ -130,8 +130,8 @@ def _series(lines: pd.DataFrame, kind: str) -> list[tuple[str, pd.DataFrame, boo
         out.append((label, points.assign(_x=points["budget_x"]).sort_values("_x"), False))
     if kind == "fraction":
         adaptive = lines[(lines["policy"] != "full") & (lines["budget_kind"] == "none")]
-        for (policy, variant), points in adaptive.groupby(["policy", "variant"], sort=True):
-            label = f"{policy}{f' [{variant}]' if variant else ''} (achieved)"
+        for (name, variant), points in adaptive.groupby(["display_name", "variant"], sort=True):
+            label = f"{name}{f' [{variant}]' if variant else ''} (achieved)"
             label += " (masked)" if points["kv_masked"].any() else ""
             out.append((label, points.assign(_x=points["kv_kept_fraction"]).sort_values("_x"), False))
     return out

@@ -280,6 +280,7 @@ class Runner:
             "config_hash": key,
             "model": run.spec.name,
             "policy": run.policy.name,
+            "label": run.policy.display_name(run.budget),
             "policy_params": run.policy.params(),
             "kv_masked": run.policy.kv_masked,
             "budget": run.budget.value if run.budget.kind == "fraction" else None,

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from kvbench.labels import display_name
+
 MODEL = "tiny_random_llama"
 TASKS = ("longbench/qasper", "longbench/hotpotqa", "longbench/trec", "longbench/dureader", "passkey")
 N_LAYERS, N_KV_HEADS = 4, 2
@@ -87,6 +89,9 @@ def row(config_hash: str, policy: str, params: dict[str, Any], task: str, record
         "config_hash": config_hash,
         "model": MODEL,
         "policy": policy,
+        "label": display_name(
+            policy, params, extra.get("budget") is not None or extra.get("budget_tokens") is not None
+        ),
         "policy_params": params,
         "kv_masked": False,
         "budget": None,

@@ -26,6 +26,7 @@ import torch
 
 from kvbench.cache import EMPTY, KVCache, LayerCache
 from kvbench.errors import UserError
+from kvbench.labels import display_name
 
 ALL_ROWS = -1
 
@@ -124,6 +125,10 @@ class Policy:
     @property
     def name(self) -> str:
         return type(self).__module__.rsplit(".", 1)[-1]
+
+    def display_name(self, budget: Budget) -> str:
+        """The name rows, tables and legends show, marked where kvbench extends or approximates the paper."""
+        return display_name(self.name, self.params(), budget.kind != "none")
 
 
 class ScorerPolicy(Policy):
