@@ -259,7 +259,7 @@ class Runner:
                     "ttft_s": out.prefill_s,
                     "prefill_peak_bytes": out.prefill_peak_bytes,
                     "decode_peak_bytes": out.decode_peak_bytes,
-                    "policy_diagnostics": policy_diagnostics,
+                    "policy_diagnostics": policy_diagnostics[row] if policy_diagnostics else None,
                     "batch_size": len(examples),
                 }
             )

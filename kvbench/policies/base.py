@@ -93,9 +93,10 @@ class Policy:
     def bind(self, tokenizer: Any) -> None:
         """Receive the model's tokenizer before the run (policies that read token ids, e.g. FastGen)."""
 
-    def diagnostics(self, cache: KVCache) -> dict[str, Any]:
-        """Policy-specific diagnostics of a finished batch (e.g. FastGen's chosen policy per head)."""
-        return {}
+    def diagnostics(self, cache: KVCache) -> list[dict[str, Any]]:
+        """Policy-specific diagnostics of a finished batch, one dict per example in batch order (e.g. FastGen's
+        chosen policy per head for that example); empty when the policy has none."""
+        return []
 
     def observe(self, layer: LayerCache, probs: torch.Tensor, query_positions: torch.Tensor, ctx: Context) -> None:
         """Receive attention probabilities [B, H, q, T] over the layer's current slots for query rows at
