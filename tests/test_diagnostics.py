@@ -9,7 +9,7 @@ from kvbench.store import ResultStore
 def test_batch_of_two_gives_each_record_its_own_diagnostics(make_config, tmp_path):
     cfg = make_config(
         "model=tiny_random_llama", "task=passkey", "+policy=fastgen", "limit=2", "task.max_new_tokens=2",
-        "batch_size=2", "task.lengths=[600,1200]", "task.depths=[0.5]",
+        "batch_size=2", "task.lengths=[600,1200]", "task.depths=[0.5]", "task.n_per_cell=1",
     )  # fmt: skip
     (row,) = run(cfg)
     records = list(ResultStore(cfg.results_dir).predictions(row["config_hash"]).values())
@@ -22,7 +22,7 @@ def test_batch_of_two_gives_each_record_its_own_diagnostics(make_config, tmp_pat
     for record in records:  # the same example run alone reports the same choices
         alone = make_config(
             "model=tiny_random_llama", "task=passkey", "+policy=fastgen", "task.max_new_tokens=2", "batch_size=1",
-            f"task.lengths=[{record['meta']['length']}]", "task.depths=[0.5]", "limit=1",
+            f"task.lengths=[{record['meta']['length']}]", "task.depths=[0.5]", "task.n_per_cell=1", "limit=1",
             f"results_dir={tmp_path / record['id']}",
         )  # fmt: skip
         (single,) = run(alone)

@@ -98,6 +98,12 @@ class Policy:
         chosen policy per head for that example); empty when the policy has none."""
         return []
 
+    def protected_windows(self, prompt_tokens: int, capacity: int | None) -> list[tuple[int, int]]:
+        """Position ranges [start, end) of a compressed prompt of ``prompt_tokens`` tokens that the policy keeps
+        by rule under ``capacity`` entries (sinks, recent or observation window), whatever the scores; [] for
+        none. The synthetic tasks flag a needle that falls inside one (it survives by position, not by merit)."""
+        return []
+
     def observe(self, layer: LayerCache, probs: torch.Tensor, query_positions: torch.Tensor, ctx: Context) -> None:
         """Receive attention probabilities [B, H, q, T] over the layer's current slots for query rows at
         ``query_positions`` [B, q] (rows of padding queries are zero)."""
@@ -215,6 +221,12 @@ def recent(layer: LayerCache, ctx: Context, window: int) -> torch.Tensor:
     return layer.valid & (layer.positions >= (ctx.seen - window)[:, None, None])
 
 
+def windows(n: int, head: int = 0, tail: int = 0) -> list[tuple[int, int]]:
+    """The first ``head`` and the last ``tail`` positions of an ``n``-token prompt as [start, end) ranges."""
+    head, tail = max(0, min(head, n)), max(0, min(tail, n))
+    return [r for r in ((0, head), (n - tail, n)) if r[1] > r[0]]
+
+
 def sinks(layer: LayerCache, n_sink: int) -> torch.Tensor:
     """The first ``n_sink`` positions of the sequence: [B, Hkv, T]."""
     return layer.positions < n_sink
@@ -231,4 +243,5 @@ __all__ = [
     "recent",
     "sinks",
     "top_capacity",
+    "windows",
 ]

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from kvbench.cache import LayerCache
-from kvbench.policies.base import Context, ScorerPolicy, recent, to_kv_heads
+from kvbench.policies.base import Context, ScorerPolicy, recent, to_kv_heads, windows
 
 
 @dataclass
@@ -47,6 +47,9 @@ class SnapKVPolicy(ScorerPolicy):
         pool = F.max_pool1d if self.pooling == "max" else F.avg_pool1d
         pooled = pool(flat, self.kernel, stride=1, padding=self.kernel // 2)
         return pooled.reshape(batch, heads, length)
+
+    def protected_windows(self, prompt_tokens: int, capacity: int | None) -> list[tuple[int, int]]:
+        return windows(prompt_tokens, tail=min(self.window, capacity or 0))  # the observation window
 
     def protected(self, layer: LayerCache, ctx: Context) -> torch.Tensor:
         return recent(layer, ctx, self.window)
