@@ -60,7 +60,9 @@ def _record(rng, index: int, task: str, n_prompt: int, kept: float, ragged: bool
         "prediction": f"answer {index}",
         "answers": [f"answer {index}"],
         "score": float(np.clip(quality + rng.normal(0, 0.15), 0, 1)),
-        "meta": {"length": 2048 * (1 + index % 2)} if task == "passkey" else {},
+        "meta": {"length": 2048 * (1 + index % 2), "depth": (0.25, 0.5, 0.75)[index // 2 % 3]}
+        if task == "passkey"
+        else {},
         "n_prompt_tokens": n_prompt,
         "n_new_tokens": 8,
         "kv_kept_fraction": float(heads.mean()),
