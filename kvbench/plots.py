@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -83,7 +84,7 @@ def save(outputs: Output, out_dir: str | Path, formats: tuple[str, ...] = FORMAT
                 item.savefig(out / f"{stem}.{suffix}", dpi=150, bbox_inches="tight", metadata=stamp)
                 written.append(out / f"{stem}.{suffix}")
         else:
-            (out / f"{stem}.md").write_text(results.markdown(item))
+            (out / f"{stem}.md").write_text(results.markdown(item) + results.notes(item))
             item.to_csv(out / f"{stem}.csv")
             written += [out / f"{stem}.md", out / f"{stem}.csv"]
     return written
@@ -121,20 +122,26 @@ def _legend(fig: Figure, axes: list[Axes]) -> None:
         fig.legend(handles.values(), handles.keys(), loc="outside lower center", ncols=ncols, fontsize=8)
 
 
-# One colour per policy in every figure (tab20, in this order; a policy not listed takes a grey).
-POLICY_COLORS = (
-    "streaming_llm", "h2o", "snapkv", "pyramidkv", "tova", "scissorhands", "knorm", "random", "corm", "fastgen",
-    "less", "fixed_capacity",
-)  # fmt: skip
+# One colour per policy in every figure; a policy not listed is grey.
+POLICY_COLORS = {
+    "streaming_llm": "tab:blue",
+    "h2o": "tab:orange",
+    "snapkv": "tab:green",
+    "pyramidkv": "tab:red",
+    "tova": "tab:purple",
+    "scissorhands": "tab:brown",
+    "knorm": "tab:pink",
+    "random": "tab:olive",
+    "corm": "tab:cyan",
+    "fastgen": "darkgoldenrod",
+    "less": "navy",
+    "fixed_capacity": "darkslategray",
+}
 
 
-def policy_color(policy: str) -> Any:
+def policy_color(policy: str) -> str:
     """The colour of a policy (by its config name), the same in every figure."""
-    import matplotlib
-
-    if policy not in POLICY_COLORS:
-        return "tab:gray"
-    return matplotlib.colormaps["tab20"](POLICY_COLORS.index(policy) * 20 // len(POLICY_COLORS))
+    return POLICY_COLORS.get(policy, "tab:gray")
 
 
 def _value_text(value: Any) -> str:
@@ -522,8 +529,9 @@ def _fastgen_t(params: Any) -> float | None:
 
 
 def fastgen_tradeoff(df: pd.DataFrame, lines: pd.DataFrame | None = None) -> Output:
-    """FastGen (Table 1 / Fig. 5 of 2310.01801): score vs pruned KV fraction (1 - kept) across FastGen's recovery
-    ratios T, against the fixed-budget (non-adaptive) policies over their budgets; a panel per task + average."""
+    """FastGen (Table 1 / Fig. 5 of 2310.01801): score vs the KV fraction kept (achieved) across FastGen's
+    recovery ratios T, against the fixed-budget (non-adaptive) policies over their budgets; a panel per task
+    (where FastGen has two T at least) + average."""
     lines = results.summary(df) if lines is None else lines
     out: Output = {}
     for model, per_model in lines.groupby("model", sort=True):
@@ -541,17 +549,21 @@ def fastgen_tradeoff(df: pd.DataFrame, lines: pd.DataFrame | None = None) -> Out
             ],
         )
         series += [(name, points, True) for name, points in base.groupby("_series", sort=True)]
-        series += [(name, points, False) for name, points in others.groupby("setting", sort=True)]
-        colors = _colors([name for name, _, _ in series])
+        labels = short_labels(per_model)
+        series += [(labels[name], points, False) for name, points in others.groupby("setting", sort=True)]
         tasks = [t for t in dict.fromkeys(per_model["task"]) if t != results.MACRO]
         panels = tasks + ([results.MACRO] if (per_model["task"] == results.MACRO).any() else [])
+        panels = [t for t in panels if (fastgen["task"] == t).sum() >= 2]  # a trade-off needs two T at least
+        if not panels:
+            print(f"fig_fastgen_tradeoff__{safe(model)}: not drawn, no task has FastGen at two T")
+            continue
         fig, axes = _grid(len(panels), width=4.5, height=3.6)
         for ax, task in zip(axes, panels, strict=True):
             full = per_model[(per_model["policy"] == "full") & (per_model["task"] == task)]
             if not full.empty:
                 ax.axhline(full["score"].mean(), color="black", linestyle="--", linewidth=1.2, label="full cache")
             for name, points, adaptive in series:
-                points = points[points["task"] == task].assign(_x=lambda p: 1 - p["kv_kept_fraction"])
+                points = points[points["task"] == task].assign(_x=lambda p: p["kv_kept_fraction"])
                 points = points.sort_values("_x")
                 if points.empty:
                     continue
@@ -563,17 +575,24 @@ def fastgen_tradeoff(df: pd.DataFrame, lines: pd.DataFrame | None = None) -> Out
                     yerr=yerr,
                     marker="D" if adaptive else "o",
                     linestyle="-" if adaptive else ":",
-                    color=colors[name],
+                    color=policy_color(points["policy"].iloc[0]),
                     capsize=2,
                     label=name + (" (adaptive)" if adaptive else ""),
                 )
                 if adaptive:
-                    for _, point in points.iterrows():
+                    for i, (_, point) in enumerate(points.iterrows()):
                         if point["_t"] is not None and not pd.isna(point["_t"]):
-                            ax.annotate(f"T={point['_t']:g}", (point["_x"], point["score"]), fontsize=7)
-            ax.set_xlabel("pruned KV fraction (1 - kept)")
+                            offset = (4, 6 if i % 2 == 0 else -10)  # alternate above/below: close T's overlap
+                            ax.annotate(
+                                f"T={point['_t']:g}",
+                                (point["_x"], point["score"]),
+                                xytext=offset,
+                                textcoords="offset points",
+                                fontsize=6,
+                            )
+            ax.set_xlabel("KV kept fraction (achieved)")
             ax.set_ylabel("score")
-            ax.set_xlim(-0.02, 1)
+            ax.set_xlim(0, 1.02)
             ax.grid(alpha=0.3)
             ax.set_title(_task_title(task), fontsize=10)
         fig.suptitle(f"{model}: FastGen's adaptive compression vs fixed-budget policies")
@@ -755,18 +774,25 @@ def needle_heatmaps(df: pd.DataFrame, lines: pd.DataFrame | None = None) -> Outp
         means = frame.groupby(["budgeted", "point", "depth", "length"], sort=True)["score"].mean()
         points = list(dict.fromkeys(p for _, p in sorted({(b, p) for b, p, _, _ in means.index})))
         lengths, depths = sorted(frame["length"].unique()), sorted(frame["depth"].unique())
-        fig, axes = _grid(len(points), width=2.6, height=2.4 + 0.12 * len(depths))
+        ncols = min(6, len(points))
+        nrows = math.ceil(len(points) / ncols)
+        fig = Figure(figsize=(1.9 * ncols + 1.2, (1.3 + 0.08 * len(depths)) * nrows + 1.0), layout="constrained")
+        axes = fig.subplots(nrows, ncols, squeeze=False, sharex=True, sharey=True).ravel().tolist()
+        for ax in axes[len(points) :]:
+            ax.set_visible(False)
+        axes = axes[: len(points)]
         image = None
         for ax, point in zip(axes, points, strict=True):
             grid = frame[frame["point"] == point].pivot_table("score", "depth", "length", aggfunc="mean")
             grid = grid.reindex(index=depths, columns=lengths)
             image = ax.imshow(100 * grid.to_numpy(float), vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
             ax.set_xticks(range(len(lengths)), [f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in lengths])
-            ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=7)
-            ax.set_title(point, fontsize=7, wrap=True)
-            ax.set_xlabel("context length (tokens)", fontsize=8)
-            ax.set_ylabel("needle depth", fontsize=8)
-        fig.colorbar(image, ax=axes, label="score (%)", shrink=0.8)
+            ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=6)
+            ax.tick_params(axis="x", labelsize=7, labelbottom=True)
+            ax.set_title(textwrap.fill(point, 26), fontsize=6.5)
+        fig.supxlabel("context length (tokens)", fontsize=9)
+        fig.supylabel("needle depth (fraction of the input)", fontsize=9)
+        fig.colorbar(image, ax=axes, label="score (%)", shrink=min(0.9, 3 / nrows), aspect=30)
         fig.suptitle(f"{model}: {task}, score by needle depth and context length")
         out[f"fig_needle_heatmap__{safe(model)}__{safe(task)}"] = fig
     return out

@@ -182,3 +182,9 @@ def test_write_summaries(fixture_dir, tmp_path, capsys):
     assert {"kv_kept_fraction", "kv_bytes", "peak_memory_bytes", "decode_tokens_per_s"} <= set(efficiency.columns)
     assert len(efficiency) == len(SETTINGS)
     assert "KV MiB" in (tmp_path / "s" / "efficiency.md").read_text()
+
+
+def test_fastgen_rows_carry_the_punctuation_note(lines):
+    table = results.score_table(lines[lines["model"] == MODEL])
+    assert "punctuation" in results.notes(table)
+    assert results.notes(table[[c for c in table.columns if "fastgen" not in c]]) == ""
