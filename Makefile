@@ -37,10 +37,11 @@ lint: install
 test: install lint
 	$(PY) -m pytest -q
 
-# Every committed sweep's summary tables and figures, then the figures and paper tables over all of results/.
+# Every committed sweep's summary tables and figures, then the figures and paper tables over all committed sweeps
+# (results/sweeps only: scratch runs such as `make demo`'s results/runs never reach a committed file).
 figures: install
 	for dir in results/sweeps/*/; do $(PY) -m kvbench.results $$dir && $(PY) -m kvbench.plots $$dir || exit 1; done
-	$(PY) -m kvbench.plots results
+	$(PY) -m kvbench.plots results/sweeps --out results/figures
 
 # LESS kernels for SmolLM2 (H2O base, budget 0.1), into ~/.cache/kvbench/less/ where configs/policy/less.yaml
 # looks: a scaled CPU run (12 windows of 512 tokens, 2 epochs); see scripts/train_less.py --help for the paper's.

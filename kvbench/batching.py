@@ -22,20 +22,37 @@ def encode(example: Example, tokenizer: Any, chat: bool, max_prompt_tokens: int,
     """
     if protocol not in PROTOCOLS:
         raise UserError(f"unknown protocol '{protocol}'; valid: {', '.join(PROTOCOLS)}")
-    prompt = truncate_middle(example.prompt, tokenizer, max_prompt_tokens)
-    if chat:
-        messages = [{"role": "user", "content": prompt}]
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        text += example.answer_prefix
-        special = False
-    else:
-        text = prompt + example.answer_prefix
-        special = True
+    text, special = render(example, tokenizer, chat, max_prompt_tokens)
     split = text.rfind(example.question) if protocol == "query_agnostic" and example.question else -1
     if split <= 0:
         return [tokenizer.encode(text, add_special_tokens=special), []]
     head = tokenizer.encode(text[:split], add_special_tokens=special)
     return [head, tokenizer.encode(text[split:], add_special_tokens=False)]
+
+
+def render(example: Example, tokenizer: Any, chat: bool, max_prompt_tokens: int) -> tuple[str, bool]:
+    """The model input as text (truncated prompt, chat template, answer prefix), and whether tokenizing it
+    adds the special tokens (only without a template)."""
+    prompt = truncate_middle(example.prompt, tokenizer, max_prompt_tokens)
+    if not chat:
+        return prompt + example.answer_prefix, True
+    messages = [{"role": "user", "content": prompt}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return text + example.answer_prefix, False
+
+
+def needle_span(example: Example, tokenizer: Any, chat: bool, max_prompt_tokens: int) -> tuple[int, int] | None:
+    """Token span [start, end) of the example's needle (``meta["needle"]``) in the model input; None when the
+    example has no needle or the input lost it (truncation)."""
+    needle = example.meta.get("needle")
+    text, special = render(example, tokenizer, chat, max_prompt_tokens)
+    first = text.rfind(needle) if needle else -1
+    if first < 0:
+        return None
+    last = first + len(needle)
+    offsets = tokenizer(text, add_special_tokens=special, return_offsets_mapping=True)["offset_mapping"]
+    inside = [i for i, (a, b) in enumerate(offsets) if b > first and a < last and b > a]
+    return (inside[0], inside[-1] + 1) if inside else None
 
 
 def collate(encoded: list[list[list[int]]], pad_id: int, device: torch.device | str) -> Batch:

@@ -79,7 +79,8 @@ class LayerCache:
         ``length``: an upper bound on the kept count of every (example, head) that the caller knows on the host
         (a capacity); when None the kept count is read from the device, at once or, for an engine's layer
         (``defer_trim``), by ``KVCache.trim_pending`` once per step for every layer. ``exact``: every
-        (example, head) keeps exactly ``length`` (no slot is left empty). ``aligned``: the kept positions are the same for every head.
+        (example, head) keeps exactly ``length`` (no slot is left empty). ``aligned``: the kept positions are
+        the same for every head.
         """
         keep = keep & self.valid
         counts = keep.sum(-1)  # [B, Hkv]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,12 @@ LESS_BASES = {"lambda": "streaming_llm"}
 # FastGen's recovery ratio T, under either name a policy may give it.
 FASTGEN_T = ("recovery", "T")
 MIB = 2**20
+# How peak memory was measured (the row's ``peak_memory_kind``), in words.
+PEAK_KINDS = {
+    "cpu_rss_high_water_per_phase": "process RSS high-water mark per phase",
+    "cpu_max_rss_lifetime": "process max RSS over the run",
+    "cuda_max_allocated": "CUDA max allocated",
+}
 FORMATS = ("png", "pdf")
 
 
@@ -77,7 +84,7 @@ def save(outputs: Output, out_dir: str | Path, formats: tuple[str, ...] = FORMAT
                 item.savefig(out / f"{stem}.{suffix}", dpi=150, bbox_inches="tight", metadata=stamp)
                 written.append(out / f"{stem}.{suffix}")
         else:
-            (out / f"{stem}.md").write_text(results.markdown(item))
+            (out / f"{stem}.md").write_text(results.markdown(item) + results.notes(item))
             item.to_csv(out / f"{stem}.csv")
             written += [out / f"{stem}.md", out / f"{stem}.csv"]
     return written
@@ -115,34 +122,89 @@ def _legend(fig: Figure, axes: list[Axes]) -> None:
         fig.legend(handles.values(), handles.keys(), loc="outside lower center", ncols=ncols, fontsize=8)
 
 
-def _series(lines: pd.DataFrame, kind: str) -> list[tuple[str, pd.DataFrame, bool]]:
+# One colour per policy in every figure; a policy not listed is grey.
+POLICY_COLORS = {
+    "streaming_llm": "tab:blue",
+    "h2o": "tab:orange",
+    "snapkv": "tab:green",
+    "pyramidkv": "tab:red",
+    "tova": "tab:purple",
+    "scissorhands": "tab:brown",
+    "knorm": "tab:pink",
+    "random": "tab:olive",
+    "corm": "tab:cyan",
+    "fastgen": "darkgoldenrod",
+    "less": "navy",
+    "fixed_capacity": "darkslategray",
+}
+
+
+def policy_color(policy: str) -> str:
+    """The colour of a policy (by its config name), the same in every figure."""
+    return POLICY_COLORS.get(policy, "tab:gray")
+
+
+def _value_text(value: Any) -> str:
+    """A parameter value for a legend: a path shows only its last part (never a local folder)."""
+    if isinstance(value, str) and ("/" in value or "\\" in value):
+        return Path(value).name
+    return results._format_value(value)
+
+
+def short_labels(lines: pd.DataFrame) -> dict[str, str]:
+    """Legend label per setting of one figure: the policy's display name, plus only the parameters (and
+    protocol variant) that differ between that policy's settings in the figure; paths reduced to their name."""
+    out: dict[str, str] = {}
+    firsts = lines.drop_duplicates("setting")
+    for _, group in firsts.groupby("display_name", sort=False):
+        params = [p if isinstance(p, dict) else {} for p in group["policy_params"]]
+        keys = list(dict.fromkeys(k for p in params for k in p))
+        varying = [k for k in keys if len({_value_text(p.get(k)) for p in params}) > 1]
+        variants = set(group["variant"])
+        for (_, line), p in zip(group.iterrows(), params, strict=True):
+            parts = [f"{k}={_value_text(p.get(k))}" for k in varying]
+            if len(variants) > 1 and line["variant"]:
+                parts.append(line["variant"])
+            name = "full cache" if line["policy"] == "full" else line["display_name"]
+            out[line["setting"]] = f"{name} ({', '.join(parts)})" if parts else name
+    return out
+
+
+def _series(lines: pd.DataFrame, kind: str, labels: dict[str, str]) -> list[tuple[str, pd.DataFrame, bool]]:
     """The curves of one panel: (label, points sorted by x in column ``_x``, is_reference).
 
     Budgeted settings of ``kind`` are curves over the budget; on a fraction axis, each policy without a budget
     is one curve over the kept fraction it achieved (its parameter sweep); the full cache is a reference.
+    ``labels`` maps each setting to its legend label (``short_labels`` of the whole figure).
     """
     out = []
     for setting, points in lines[lines["policy"] == "full"].groupby("setting", sort=True):
-        out.append(("full cache" if setting == "full" else setting, points.assign(_x=np.nan), True))
+        out.append((labels[setting], points.assign(_x=np.nan), True))
     budgeted = lines[(lines["policy"] != "full") & (lines["budget_kind"] == kind)]
     for setting, points in budgeted.groupby("setting", sort=True):
-        label = setting + (" (masked)" if points["kv_masked"].any() else "")
+        label = labels[setting] + (" (masked)" if points["kv_masked"].any() else "")
         out.append((label, points.assign(_x=points["budget_x"]).sort_values("_x"), False))
     if kind == "fraction":
         adaptive = lines[(lines["policy"] != "full") & (lines["budget_kind"] == "none")]
-        for (policy, variant), points in adaptive.groupby(["policy", "variant"], sort=True):
-            label = f"{policy}{f' [{variant}]' if variant else ''} (achieved)"
+        for (name, variant), points in adaptive.groupby(["display_name", "variant"], sort=True):
+            label = f"{name}{f' [{variant}]' if variant else ''} (achieved)"
             label += " (masked)" if points["kv_masked"].any() else ""
             out.append((label, points.assign(_x=points["kv_kept_fraction"]).sort_values("_x"), False))
     return out
 
 
+MARKERS = "osD^vP*X"
+
+
 def _draw(
-    ax: Axes, lines: pd.DataFrame, kind: str, colors: dict[str, Any], value: Callable[[pd.DataFrame], Any]
+    ax: Axes, lines: pd.DataFrame, kind: str, labels: dict[str, str], value: Callable[[pd.DataFrame], Any]
 ) -> None:
-    """Draw every series of ``lines`` on ``ax``; ``value(points)`` gives y; CI bands where ``ci_low`` exists."""
+    """Draw every series of ``lines`` on ``ax``; ``value(points)`` gives y; CI bands where ``ci_low`` exists.
+    A policy keeps its colour (``policy_color``); its settings differ by marker; extensions and approximations
+    are dashed, adaptive policies (no budget, at their achieved fraction) dotted."""
     band = "ci_low" in lines.columns and value is _score
-    for label, points, reference in _series(lines, kind):
+    seen: dict[str, int] = {}
+    for label, points, reference in _series(lines, kind, labels):
         y = np.asarray(value(points), dtype=float)
         if np.all(np.isnan(y)):
             continue
@@ -152,19 +214,26 @@ def _draw(
             if band and points["ci_low"].notna().any():
                 ax.axhspan(points["ci_low"].mean(), points["ci_high"].mean(), color=color, alpha=0.08)
             continue
-        color = colors.get(label)
+        first = points.iloc[0]
+        policy = first["policy"]
+        color = policy_color(policy)
+        marker = MARKERS[seen.get(policy, 0) % len(MARKERS)]
+        seen[policy] = seen.get(policy, 0) + 1
         achieved = "(achieved)" in label
+        extension = first["display_name"] != policy
         ax.plot(
             points["_x"],
             y,
-            marker="s" if achieved else "o",
+            marker=marker,
+            markersize=4,
             color=color,
             markerfacecolor="none" if points["kv_masked"].any() else color,
-            linestyle=":" if achieved else "-",
+            linestyle=":" if achieved else "--" if extension else "-",
+            linewidth=1.2,
             label=label,
         )
         if band and points["ci_low"].notna().any():
-            ax.fill_between(points["_x"], points["ci_low"], points["ci_high"], color=color, alpha=0.15, linewidth=0)
+            ax.fill_between(points["_x"], points["ci_low"], points["ci_high"], color=color, alpha=0.08, linewidth=0)
 
 
 def _score(points: pd.DataFrame) -> pd.Series:
@@ -199,10 +268,6 @@ def _task_title(task: str) -> str:
     return "macro average" if task == results.MACRO else task
 
 
-def _series_labels(lines: pd.DataFrame) -> list[str]:
-    return [label for kind in ("fraction", "tokens") for label, _, _ in _series(lines, kind)]
-
-
 # --- figures ----------------------------------------------------------------------------------------------
 
 
@@ -212,23 +277,28 @@ def score_vs_budget(df: pd.DataFrame, lines: pd.DataFrame | None = None) -> Outp
     lines = results.summary(df) if lines is None else lines
     out: Output = {}
     for model, per_model in lines.groupby("model", sort=True):
-        colors = _colors(_series_labels(per_model))
+        labels = short_labels(per_model)
         tasks = [t for t in dict.fromkeys(per_model["task"]) if t != results.MACRO]
         panels = tasks + ([results.MACRO] if (per_model["task"] == results.MACRO).any() else [])
         for kind in _kinds(per_model):
             fig, axes = _grid(len(panels))
             for ax, task in zip(axes, panels, strict=True):
-                _draw(ax, per_model[per_model["task"] == task], kind, colors, _score)
+                _draw(ax, per_model[per_model["task"] == task], kind, labels, _score)
                 _axis(ax, per_model, kind)
                 ax.set_title(_task_title(task), fontsize=10)
                 ax.set_ylabel("score")
             fig.suptitle(f"{model}: score vs KV budget")
             _legend(fig, axes)
             out[f"score_vs_budget{_suffix(kind)}__{safe(model)}"] = fig
-            if results.MACRO in panels:
+            kinds = [kind, "none"] if kind == "fraction" else [kind]
+            macro = per_model[(per_model["task"] == results.MACRO) & (per_model["policy"] != "full")]
+            macro = macro[macro["budget_kind"].isin(kinds)]
+            if results.MACRO in panels and macro.empty:
+                print(f"score_vs_budget_average{_suffix(kind)}__{safe(model)}: not drawn, no policy has every task")
+            elif results.MACRO in panels:
                 fig = Figure(figsize=(7, 5.5), layout="constrained")
                 ax = fig.subplots()
-                _draw(ax, per_model[per_model["task"] == results.MACRO], kind, colors, _score)
+                _draw(ax, per_model[per_model["task"] == results.MACRO], kind, labels, _score)
                 _axis(ax, per_model, kind)
                 ax.set_ylabel(f"score, macro average over {len(tasks)} tasks")
                 ax.set_title(f"{model}: score vs KV budget (95% bootstrap CI)")
@@ -247,11 +317,11 @@ def _efficiency_figure(
         kept = [(label, value) for label, value in panels if per_model.pipe(value).notna().any()]
         if not kept:
             continue
-        colors = _colors(_series_labels(per_model))
+        labels = short_labels(per_model)
         for kind in _kinds(per_model):
             fig, axes = _grid(len(kept))
             for ax, (label, value) in zip(axes, kept, strict=True):
-                _draw(ax, per_model, kind, colors, value)
+                _draw(ax, per_model, kind, labels, value)
                 _axis(ax, per_model, kind)
                 ax.set_ylabel(label)
             fig.suptitle(f"{model}: {title}, mean over tasks")
@@ -264,7 +334,7 @@ def memory_vs_budget(df: pd.DataFrame, lines: pd.DataFrame | None = None) -> Out
     """KV cache bytes held while decoding and at the run's peak (policy state included; in whole-prompt mode
     the peak comes before the prompt is compressed), and peak memory, overall and per phase."""
     kinds = df["peak_memory_kind"].dropna().unique() if "peak_memory_kind" in df else []
-    kind = f" (peak memory: {kinds[0]})" if len(kinds) == 1 else ""
+    kind = f" (peak memory: {PEAK_KINDS.get(kinds[0], kinds[0])})" if len(kinds) == 1 else ""
     panels = [
         ("KV cache held in decode (MiB)", lambda p: p["kv_bytes_decode"] / MIB),
         ("KV cache, run peak (MiB)", lambda p: p["kv_bytes"] / MIB),
@@ -459,8 +529,9 @@ def _fastgen_t(params: Any) -> float | None:
 
 
 def fastgen_tradeoff(df: pd.DataFrame, lines: pd.DataFrame | None = None) -> Output:
-    """FastGen (Table 1 / Fig. 5 of 2310.01801): score vs pruned KV fraction (1 - kept) across FastGen's recovery
-    ratios T, against the fixed-budget (non-adaptive) policies over their budgets; a panel per task + average."""
+    """FastGen (Table 1 / Fig. 5 of 2310.01801): score vs the KV fraction kept (achieved) across FastGen's
+    recovery ratios T, against the fixed-budget (non-adaptive) policies over their budgets; a panel per task
+    (where FastGen has two T at least) + average."""
     lines = results.summary(df) if lines is None else lines
     out: Output = {}
     for model, per_model in lines.groupby("model", sort=True):
@@ -478,17 +549,21 @@ def fastgen_tradeoff(df: pd.DataFrame, lines: pd.DataFrame | None = None) -> Out
             ],
         )
         series += [(name, points, True) for name, points in base.groupby("_series", sort=True)]
-        series += [(name, points, False) for name, points in others.groupby("setting", sort=True)]
-        colors = _colors([name for name, _, _ in series])
+        labels = short_labels(per_model)
+        series += [(labels[name], points, False) for name, points in others.groupby("setting", sort=True)]
         tasks = [t for t in dict.fromkeys(per_model["task"]) if t != results.MACRO]
         panels = tasks + ([results.MACRO] if (per_model["task"] == results.MACRO).any() else [])
+        panels = [t for t in panels if (fastgen["task"] == t).sum() >= 2]  # a trade-off needs two T at least
+        if not panels:
+            print(f"fig_fastgen_tradeoff__{safe(model)}: not drawn, no task has FastGen at two T")
+            continue
         fig, axes = _grid(len(panels), width=4.5, height=3.6)
         for ax, task in zip(axes, panels, strict=True):
             full = per_model[(per_model["policy"] == "full") & (per_model["task"] == task)]
             if not full.empty:
                 ax.axhline(full["score"].mean(), color="black", linestyle="--", linewidth=1.2, label="full cache")
             for name, points, adaptive in series:
-                points = points[points["task"] == task].assign(_x=lambda p: 1 - p["kv_kept_fraction"])
+                points = points[points["task"] == task].assign(_x=lambda p: p["kv_kept_fraction"])
                 points = points.sort_values("_x")
                 if points.empty:
                     continue
@@ -500,17 +575,24 @@ def fastgen_tradeoff(df: pd.DataFrame, lines: pd.DataFrame | None = None) -> Out
                     yerr=yerr,
                     marker="D" if adaptive else "o",
                     linestyle="-" if adaptive else ":",
-                    color=colors[name],
+                    color=policy_color(points["policy"].iloc[0]),
                     capsize=2,
                     label=name + (" (adaptive)" if adaptive else ""),
                 )
                 if adaptive:
-                    for _, point in points.iterrows():
+                    for i, (_, point) in enumerate(points.iterrows()):
                         if point["_t"] is not None and not pd.isna(point["_t"]):
-                            ax.annotate(f"T={point['_t']:g}", (point["_x"], point["score"]), fontsize=7)
-            ax.set_xlabel("pruned KV fraction (1 - kept)")
+                            offset = (4, 6 if i % 2 == 0 else -10)  # alternate above/below: close T's overlap
+                            ax.annotate(
+                                f"T={point['_t']:g}",
+                                (point["_x"], point["score"]),
+                                xytext=offset,
+                                textcoords="offset points",
+                                fontsize=6,
+                            )
+            ax.set_xlabel("KV kept fraction (achieved)")
             ax.set_ylabel("score")
-            ax.set_xlim(-0.02, 1)
+            ax.set_xlim(0, 1.02)
             ax.grid(alpha=0.3)
             ax.set_title(_task_title(task), fontsize=10)
         fig.suptitle(f"{model}: FastGen's adaptive compression vs fixed-budget policies")
@@ -671,6 +753,51 @@ def scores_by_length(df: pd.DataFrame, lines: pd.DataFrame | None = None) -> Out
     return out
 
 
+def needle_heatmaps(df: pd.DataFrame, lines: pd.DataFrame | None = None) -> Output:
+    """The needle-in-a-haystack heatmap per model and synthetic task: depth (rows) x context length (columns),
+    colour = mean score of that cell's examples, one panel per (policy, budget), the full cache first."""
+    out: Output = {}
+    synthetic = df[df["task_family"] == "synthetic"] if "task_family" in df else df.iloc[0:0]
+    for (model, task), rows in synthetic.groupby(["model", "task"], sort=True):
+        cells = []
+        labels = short_labels(rows)
+        for _, row in rows.iterrows():
+            point = results.point_label(labels[row["setting"]], row["budget_label"])
+            for record in results.predictions(row):
+                meta = record.get("meta") or {}
+                if record.get("score") is not None and "length" in meta and "depth" in meta:
+                    budgeted = row["policy"] != "full"
+                    cells.append((budgeted, point, int(meta["length"]), float(meta["depth"]), float(record["score"])))
+        if not cells:
+            continue
+        frame = pd.DataFrame(cells, columns=["budgeted", "point", "length", "depth", "score"])
+        means = frame.groupby(["budgeted", "point", "depth", "length"], sort=True)["score"].mean()
+        points = list(dict.fromkeys(p for _, p in sorted({(b, p) for b, p, _, _ in means.index})))
+        lengths, depths = sorted(frame["length"].unique()), sorted(frame["depth"].unique())
+        ncols = min(6, len(points))
+        nrows = math.ceil(len(points) / ncols)
+        fig = Figure(figsize=(1.9 * ncols + 1.2, (1.3 + 0.08 * len(depths)) * nrows + 1.0), layout="constrained")
+        axes = fig.subplots(nrows, ncols, squeeze=False, sharex=True, sharey=True).ravel().tolist()
+        for ax in axes[len(points) :]:
+            ax.set_visible(False)
+        axes = axes[: len(points)]
+        image = None
+        for ax, point in zip(axes, points, strict=True):
+            grid = frame[frame["point"] == point].pivot_table("score", "depth", "length", aggfunc="mean")
+            grid = grid.reindex(index=depths, columns=lengths)
+            image = ax.imshow(100 * grid.to_numpy(float), vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
+            ax.set_xticks(range(len(lengths)), [f"{n // 1024}k" if n % 1024 == 0 else str(n) for n in lengths])
+            ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=6)
+            ax.tick_params(axis="x", labelsize=7, labelbottom=True)
+            ax.set_title(textwrap.fill(point, 26), fontsize=6.5)
+        fig.supxlabel("context length (tokens)", fontsize=9)
+        fig.supylabel("needle depth (fraction of the input)", fontsize=9)
+        fig.colorbar(image, ax=axes, label="score (%)", shrink=min(0.9, 3 / nrows), aspect=30)
+        fig.suptitle(f"{model}: {task}, score by needle depth and context length")
+        out[f"fig_needle_heatmap__{safe(model)}__{safe(task)}"] = fig
+    return out
+
+
 PAPER = {
     "fig_corm_compression_vs_length": (corm_compression_vs_length, "CORM compression vs sequence length"),
     "table_corm_longbench": (corm_longbench_table, "the CORM LongBench table"),
@@ -678,6 +805,7 @@ PAPER = {
     "fig_less_gap_recovered": (less_gap_recovered, "the LESS share of the H2O gap recovered"),
     "table_snapkv_longbench": (snapkv_longbench_table, "the SnapKV LongBench table"),
     "table_scores_by_length": (scores_by_length, "passkey and needle by context length"),
+    "fig_needle_heatmap": (needle_heatmaps, "the needle-in-a-haystack heatmaps (depth x length)"),
 }
 
 

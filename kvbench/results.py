@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from kvbench.labels import display_name
 from kvbench.store import ResultStore, read_lines
 
 MACRO = "average"  # task name of the macro-average rows that ``summary`` adds
@@ -29,6 +30,7 @@ ROW_DEFAULTS: dict[str, Any] = {
     "config_hash": None,
     "model": None,
     "policy": "full",
+    "label": None,
     "policy_params": None,
     "kv_masked": False,
     "budget": None,
@@ -99,11 +101,23 @@ def _format_value(value: Any) -> str:
     return str(value)
 
 
-def policy_label(policy: str, params: dict[str, Any] | None) -> str:
-    """``snapkv(window=32,kernel=7)``: the policy name and its parameters in field order."""
+def policy_label(policy: str, params: dict[str, Any] | None, display: str | None = None) -> str:
+    """``snapkv(window=32,kernel=7)``: the policy's display name (default: its name) and its parameters in
+    field order; a marked display name is set apart, ``corm (capped, kvbench) (w=256,r=256)``."""
+    name = display or policy
     if not params:
-        return policy
-    return f"{policy}({','.join(f'{k}={_format_value(v)}' for k, v in params.items())})"
+        return name
+    values = ",".join(f"{k}={_format_value(v)}" for k, v in params.items())
+    return f"{name} ({values})" if name != policy else f"{name}({values})"
+
+
+def row_display_name(row: pd.Series | dict[str, Any]) -> str:
+    """A row's display name: its ``label`` column, or (rows written before it existed) the same rule rebuilt."""
+    label = row.get("label")
+    if isinstance(label, str) and label:
+        return label
+    budgeted = pd.notna(row.get("budget")) or pd.notna(row.get("budget_tokens"))
+    return display_name(row["policy"], row.get("policy_params"), bool(budgeted))
 
 
 def _budget(row: pd.Series) -> tuple[str, float, str]:
@@ -128,14 +142,24 @@ def _variant(row: pd.Series) -> str:
 def load(results_dir: str | Path) -> pd.DataFrame:
     """Every row of every ``results.jsonl`` under ``results_dir`` (searched recursively), one per config hash.
 
-    Added columns: ``results_dir`` (where the row and its predictions live), ``policy_label``, ``variant``,
+    Added columns: ``results_dir`` (where the row and its predictions live), ``display_name`` (the policy's
+    name with its extension/approximation mark), ``policy_label``, ``variant``,
     ``setting`` (label + variant), ``budget_kind`` (fraction | tokens | none), ``budget_x`` (the budget as a
     number, NaN for none) and ``budget_label``.
     """
     root = Path(results_dir)
     paths = sorted(root.rglob("results.jsonl")) if root.is_dir() else [root] if root.is_file() else []
     records = [{**ROW_DEFAULTS, **row, "results_dir": str(path.parent)} for path in paths for row in read_lines(path)]
-    columns = [*ROW_DEFAULTS, "results_dir", "policy_label", "variant", "setting", "budget_kind", "budget_x"]
+    columns = [
+        *ROW_DEFAULTS,
+        "results_dir",
+        "display_name",
+        "policy_label",
+        "variant",
+        "setting",
+        "budget_kind",
+        "budget_x",
+    ]
     if not records:
         return pd.DataFrame(columns=[*columns, "budget_label"])
     df = pd.DataFrame(records)
@@ -144,7 +168,10 @@ def load(results_dir: str | Path) -> pd.DataFrame:
     df["_time"] = pd.to_datetime(df["timestamp"], utc=True, errors="coerce", format="ISO8601")
     df = df.sort_values("_time", kind="stable", na_position="first").drop_duplicates("config_hash", keep="last")
     df = df.drop(columns="_time")
-    df["policy_label"] = [policy_label(p, q) for p, q in zip(df["policy"], df["policy_params"], strict=True)]
+    df["display_name"] = [row_display_name(row) for _, row in df.iterrows()]
+    df["policy_label"] = [
+        policy_label(p, q, d) for p, q, d in zip(df["policy"], df["policy_params"], df["display_name"], strict=True)
+    ]
     df["variant"] = df.apply(_variant, axis=1)
     df["setting"] = [
         f"{label} [{v}]" if v else label for label, v in zip(df["policy_label"], df["variant"], strict=True)
@@ -198,6 +225,7 @@ def summary(df: pd.DataFrame, n: int = N_RESAMPLES, seed: int = SEED) -> pd.Data
         "budget_x",
         "budget_label",
         "policy",
+        "display_name",
         "policy_label",
         "policy_params",
         "variant",
@@ -220,6 +248,7 @@ def summary(df: pd.DataFrame, n: int = N_RESAMPLES, seed: int = SEED) -> pd.Data
         line.update(
             budget_label=group["budget_label"].iloc[0],
             policy=group["policy"].iloc[0],
+            display_name=group["display_name"].iloc[0],
             policy_label=group["policy_label"].iloc[0],
             policy_params=group["policy_params"].iloc[0],
             variant=group["variant"].iloc[0],
@@ -279,12 +308,32 @@ def _macro(lines: pd.DataFrame, scores: dict[tuple, np.ndarray], n: int, seed: i
 def efficiency(df: pd.DataFrame) -> pd.DataFrame:
     """One line per model x setting x budget: KV kept, KV bytes, peak memory and speed, averaged over tasks."""
     if df.empty:
-        columns = ["budget_label", "policy", "policy_label", "policy_params", "variant", "kv_masked", "n_tasks"]
+        columns = ["budget_label", "policy", "display_name", "policy_label", "policy_params", "variant", "kv_masked"]
+        columns.append("n_tasks")
         return pd.DataFrame(columns=[*POINT, *columns, *EFFICIENCY])
     grouped = df.groupby(POINT, dropna=False, sort=True)
-    first = dict.fromkeys(["budget_label", "policy", "policy_label", "policy_params", "variant"], _first)
+    first = dict.fromkeys(
+        ["budget_label", "policy", "display_name", "policy_label", "policy_params", "variant"], _first
+    )
     out = grouped.agg({**first, "kv_masked": "any", "task": "nunique", **EFFICIENCY}).reset_index()
     return out.rename(columns={"task": "n_tasks"})
+
+
+# Caveats printed under any markdown table that has rows of the policy.
+NOTES = {
+    "fastgen": (
+        "fastgen: its punctuation set is always kept, and about 20% of the synthetic prompts' tokens (the passkey "
+        "filler) are punctuation, so its kept fraction floors near 0.56 for every T there; that compression is "
+        "not comparable with the paper's (AlpacaEval prompts)."
+    ),
+}
+
+
+def notes(table: pd.DataFrame) -> str:
+    """The ``NOTES`` of the policies whose names appear in a table's index or columns, as markdown lines."""
+    names = " ".join(str(v) for v in [*table.index, *table.columns, *table.get("setting", [])])
+    found = [note for policy, note in NOTES.items() if policy in names]
+    return "".join(f"\nNote — {note}\n" for note in found)
 
 
 def markdown(table: pd.DataFrame, floatfmt: str = "{:.2f}") -> str:
@@ -341,7 +390,8 @@ def write_summaries(results_dir: str | Path, out_dir: str | Path | None = None) 
     eff = efficiency(df)
     scores_md, eff_md = ["# Scores (100 x mean, 95% bootstrap CI)\n"], ["# Efficiency (mean over tasks)\n"]
     for model, per_model in lines.groupby("model", sort=True):
-        scores_md += [f"\n## {model}\n\n", markdown(score_table(per_model))]
+        table = score_table(per_model)
+        scores_md += [f"\n## {model}\n\n", markdown(table), notes(table)]
     for model, per_model in eff.groupby("model", sort=True):
         table = pd.DataFrame(
             {

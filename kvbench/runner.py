@@ -27,7 +27,7 @@ from tqdm import tqdm
 import kvbench
 from kvbench import models
 from kvbench.attention import KERNELS, Engine
-from kvbench.batching import PROTOCOLS, collate, encode, length_grouped
+from kvbench.batching import PROTOCOLS, collate, encode, length_grouped, needle_span
 from kvbench.errors import UserError
 from kvbench.generate import Batch, generate
 from kvbench.measure import peak_kind
@@ -244,7 +244,7 @@ class Runner:
                     "prediction": prediction,
                     "answers": example.answers,
                     "score": task.score(prediction, example),
-                    "meta": example.meta,
+                    "meta": self._meta(example, encoded[row], chat),
                     "n_prompt_tokens": prompt_tokens[row],
                     "n_new_tokens": len(out.tokens[row]),
                     "kv_kept_fraction": float(kept[row]),
@@ -259,11 +259,32 @@ class Runner:
                     "ttft_s": out.prefill_s,
                     "prefill_peak_bytes": out.prefill_peak_bytes,
                     "decode_peak_bytes": out.decode_peak_bytes,
-                    "policy_diagnostics": policy_diagnostics,
+                    "policy_diagnostics": policy_diagnostics[row] if policy_diagnostics else None,
                     "batch_size": len(examples),
                 }
             )
         return records
+
+    def _meta(self, example: Example, parts: list[list[int]], chat: bool) -> dict[str, Any]:
+        """The example's meta, plus for a needle task where the needle sits in the model input: its token span,
+        its measured depth (start / input tokens) and how much of it lies in a window the policy keeps by rule."""
+        meta = dict(example.meta)
+        span = (
+            needle_span(example, self.tokenizer, chat, self.plan.spec.max_prompt_tokens) if "needle" in meta else None
+        )
+        if span is None:
+            return meta
+        compressed = len(parts[0])
+        capacity = self.plan.budget.capacity(torch.tensor([compressed]))
+        windows = self.plan.policy.protected_windows(compressed, None if capacity is None else int(capacity[0]))
+        inside = sum(max(0, min(end, span[1]) - max(start, span[0])) for start, end in windows)
+        meta.update(
+            needle_span=list(span),
+            needle_depth=span[0] / sum(len(part) for part in parts),
+            needle_in_window=inside > 0,
+            needle_window_share=inside / (span[1] - span[0]),
+        )
+        return meta
 
     def _row(self, task: Task, key: str, records: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
         cfg, run = self.plan.cfg, self.plan
@@ -280,6 +301,7 @@ class Runner:
             "config_hash": key,
             "model": run.spec.name,
             "policy": run.policy.name,
+            "label": run.policy.display_name(run.budget),
             "policy_params": run.policy.params(),
             "kv_masked": run.policy.kv_masked,
             "budget": run.budget.value if run.budget.kind == "fraction" else None,

@@ -21,7 +21,9 @@ h2o_2k_kernels() {
   [ -f "$h2o_2k/kernels.safetensors" ] || $PY scripts/train_less.py --base h2o --budget 0.1 --windows 12 \
     --window-tokens 2048 --epochs 10 --loss-rows 1024 --spill "${TMPDIR:-/tmp}" --threads 2 --out "$h2o_2k"
 }
-all_policies=random,knorm,streaming_llm,h2o,scissorhands,tova,snapkv,pyramidkv,corm,fixed_capacity
+all_policies=random,knorm,streaming_llm,h2o,scissorhands,tova,snapkv,pyramidkv,corm
+# fixed_capacity (BCT's contract: a capacity m that never grows) runs at absolute budgets, all three rules
+fixed=(+policy=fixed_capacity policy.rule=sliding_window,replace_lowest,merge budget_tokens=256,512,1024)
 for step in $steps; do
   case $step in
     baselines)  # issue 3: every baseline x budgets 0.1/0.3/0.5, passkey and needle at 2k/4k x 3 depths
@@ -31,7 +33,8 @@ for step in $steps; do
         task=passkey,needle batch_size=3 results_dir=$out ;;
     seed)  # issue 4: the seed papers' methods on the same grid (CORM native and capped, FastGen's T sweep, LESS)
       out=results/sweeps/synthetic_smollm2
-      kv -m +policy=corm,fixed_capacity budget=0.1,0.3,0.5 task=passkey,needle batch_size=3 results_dir=$out
+      kv -m +policy=corm budget=0.1,0.3,0.5 task=passkey,needle batch_size=3 results_dir=$out
+      kv -m "${fixed[@]}" task=passkey,needle batch_size=3 results_dir=$out
       kv -m +policy=corm task=passkey,needle batch_size=3 results_dir=$out
       kv -m +policy=fastgen policy.recovery=0.91,0.93,0.95,0.98 task=passkey,needle batch_size=3 results_dir=$out
       [ -f "$less_kernels" ] || make less-kernels
@@ -39,8 +42,9 @@ for step in $steps; do
     seed6k)  # issue 4: the table's policies at 6k tokens (3 depths), so its grid spans 2k-6k; budget 0.3 first
       out=results/sweeps/synthetic6k_smollm2
       six='task.lengths=[6144]'
-      table=h2o,streaming_llm,snapkv,tova,corm,fixed_capacity
+      table=h2o,streaming_llm,snapkv,tova,corm
       kv -m +policy=$table budget=0.3 task=passkey,needle "$six" batch_size=3 results_dir=$out
+      kv -m "${fixed[@]}" task=passkey,needle "$six" batch_size=3 results_dir=$out
       kv -m task=passkey,needle "$six" batch_size=3 results_dir=$out
       [ -f "$less_kernels" ] || make less-kernels
       kv -m +policy=less budget=0.1 task=passkey,needle "$six" batch_size=3 results_dir=$out
@@ -65,6 +69,7 @@ for step in $steps; do
         kv task=ruler "task.lengths=[$length]" limit=1 results_dir=$out
         kv -m +policy=fastgen task=ruler "task.lengths=[$length]" limit=1 results_dir=$out
         kv -m +policy=$all_policies budget=0.3 task=ruler "task.lengths=[$length]" limit=1 results_dir=$out
+        kv -m "${fixed[@]}" task=ruler "task.lengths=[$length]" limit=1 results_dir=$out
       done
       for length in 2048 4096; do
         out=results/sweeps/ruler$((length / 1024))k_smollm2

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from kvbench.labels import display_name
+
 MODEL = "tiny_random_llama"
 TASKS = ("longbench/qasper", "longbench/hotpotqa", "longbench/trec", "longbench/dureader", "passkey")
 N_LAYERS, N_KV_HEADS = 4, 2
@@ -58,7 +60,9 @@ def _record(rng, index: int, task: str, n_prompt: int, kept: float, ragged: bool
         "prediction": f"answer {index}",
         "answers": [f"answer {index}"],
         "score": float(np.clip(quality + rng.normal(0, 0.15), 0, 1)),
-        "meta": {"length": 2048 * (1 + index % 2)} if task == "passkey" else {},
+        "meta": {"length": 2048 * (1 + index % 2), "depth": (0.25, 0.5, 0.75)[index // 2 % 3]}
+        if task == "passkey"
+        else {},
         "n_prompt_tokens": n_prompt,
         "n_new_tokens": 8,
         "kv_kept_fraction": float(heads.mean()),
@@ -87,6 +91,9 @@ def row(config_hash: str, policy: str, params: dict[str, Any], task: str, record
         "config_hash": config_hash,
         "model": MODEL,
         "policy": policy,
+        "label": display_name(
+            policy, params, extra.get("budget") is not None or extra.get("budget_tokens") is not None
+        ),
         "policy_params": params,
         "kv_masked": False,
         "budget": None,

@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 
 from kvbench import plots, results
+from kvbench.store import append_line, read_lines
 from tests.results_fixture import MODEL, TASKS, write_results
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,7 +95,7 @@ def test_paper_script_runs(name, fixture_dir, tmp_path):
     )
     assert done.returncode == 0, done.stderr
     stems = {path.stem for path in out.iterdir()}
-    assert f"{name}__{plots.safe(MODEL)}" in stems
+    assert any(stem.startswith(f"{name}__{plots.safe(MODEL)}") for stem in stems), stems
     for png in out.glob("*.png"):
         _check_png(png)
         assert png.with_suffix(".pdf").read_bytes()[:5] == b"%PDF-"
@@ -246,3 +247,63 @@ def test_regenerated_figures_are_byte_identical(fixture_dir, tmp_path):
     assert {path.suffix for path in first} == {".png", ".pdf"}
     for a, b in zip(first, second, strict=True):
         assert a.read_bytes() == b.read_bytes(), a.name
+
+
+def _hashes(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def test_make_figures_reads_only_committed_sweeps(tmp_path):
+    """A scratch row under results/runs (where ``make demo`` writes) changes no committed file."""
+    recipe = (REPO / "Makefile").read_text().split("\nfigures:")[1].split("\n\n")[0]
+    assert "kvbench.plots results/sweeps --out results/figures" in recipe
+    assert "kvbench.plots results\n" not in recipe + "\n"
+    root = tmp_path / "results"
+    write_results(root / "sweeps" / "one", n_examples=2)
+    args = [str(root / "sweeps"), "--out", str(root / "figures"), "--formats", "png"]
+    assert plots.main(args) == 0
+    before = _hashes(root / "figures")
+    scratch = write_results(root / "runs" / "demo", n_examples=3)
+    rows = read_lines(scratch / "results.jsonl")
+    append_line(scratch / "results.jsonl", {**rows[1], "score": 0.0, "timestamp": "2030-01-01T00:00:00+00:00"})
+    assert plots.main(args) == 0
+    assert _hashes(root / "figures") == before and before
+
+
+def test_needle_heatmap_has_a_panel_per_policy_and_budget(fixture_dir):
+    df = results.load(fixture_dir)
+    (stem, fig), *_ = plots.needle_heatmaps(df).items()
+    assert stem == f"fig_needle_heatmap__{plots.safe(MODEL)}__passkey"
+    points = df[df["task"] == "passkey"][["setting", "budget_label"]].drop_duplicates()
+    panels = [ax for ax in fig.axes if ax.images]
+    assert len(panels) == len(points)
+    image = panels[0].images[0].get_array()
+    assert image.shape == (3, 2)  # 3 depths x 2 lengths
+    assert [t.get_text() for t in panels[0].get_xticklabels()] == ["2k", "4k"]
+
+
+def test_legend_labels_show_only_what_varies_and_no_paths(fixture_dir):
+    df = results.load(fixture_dir)
+    extra = df[df["policy"] == "less"].iloc[[0]].copy()
+    extra["policy_params"] = [{**extra["policy_params"].iloc[0], "kernels": "/home/someone/.cache/k/h2o_0.1"}]
+    extra["setting"] = extra["setting"] + " with kernels"
+    labels = plots.short_labels(pd.concat([df, extra]))
+    assert labels["snapkv(window=32,kernel=7)"] == "snapkv"
+    assert labels["full"] == "full cache"
+    assert labels["corm(w=128,r=256)"] == "corm (w=128)"
+    assert not any("/" in label for label in labels.values())
+    assert "kernels=h2o_0.1" in labels[extra["setting"].iloc[0]]
+
+
+def test_each_policy_has_one_colour_and_extensions_are_dashed(fixture_dir, tmp_path):
+    df = results.load(fixture_dir)
+    capped = df[df["policy"] == "snapkv"].copy()
+    capped["policy"], capped["display_name"] = "corm", "corm (capped, kvbench)"
+    capped["setting"] = "corm (capped, kvbench) (w=256)"
+    fig = plots.score_vs_budget(pd.concat([df, capped]))[f"score_vs_budget__{plots.safe(MODEL)}"]
+    for line in fig.axes[0].get_lines():
+        label = line.get_label()
+        if label.startswith("snapkv"):
+            assert line.get_color() == plots.policy_color("snapkv") and line.get_linestyle() == "-"
+        if label.startswith("corm (capped"):
+            assert line.get_color() == plots.policy_color("corm") and line.get_linestyle() == "--"

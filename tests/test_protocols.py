@@ -17,7 +17,7 @@ from .policies.test_matrix import run as generate_with
 
 def test_query_agnostic_holds_out_the_question_and_after(tiny, data_dir):
     _, tokenizer = tiny
-    (example,) = list(PasskeyTask(lengths=[600], depths=[0.5]).examples(data_dir, tokenizer))
+    (example,) = list(PasskeyTask(lengths=[600], depths=[0.5], n_per_cell=1).examples(data_dir, tokenizer))
     whole, nothing = encode(example, tokenizer, True, 2000, "official")
     head, tail = encode(example, tokenizer, True, 2000, "query_agnostic")
     assert nothing == []
@@ -35,7 +35,7 @@ def test_longbench_question_is_held_out(tiny, data_dir):
 
 def test_held_out_question_is_never_evicted(tiny, data_dir):
     model, tokenizer = tiny
-    (example,) = list(PasskeyTask(lengths=[800], depths=[0.5]).examples(data_dir, tokenizer))
+    (example,) = list(PasskeyTask(lengths=[800], depths=[0.5], n_per_cell=1).examples(data_dir, tokenizer))
     head, tail = encode(example, tokenizer, True, 2000, "query_agnostic")
     _, engine = generate_with(model, tokenizer, SnapKVPolicy(), Budget("fraction", 0.2), [[head, tail]], 3)
     question = set(range(len(head), len(head) + len(tail)))

@@ -12,7 +12,7 @@ import pytest
 
 from kvbench import results
 from kvbench.store import append_line, read_lines
-from tests.results_fixture import MODEL, SETTINGS, TASKS, row, write_results
+from tests.results_fixture import MODEL, SETTINGS, TASKS, _record, row, write_results
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,6 +76,29 @@ def test_labels_and_budgets(df):
     full = df[df["policy"] == "full"].iloc[0]
     assert (full["policy_label"], full["budget_kind"], full["setting"]) == ("full", "none", "full")
     assert math.isnan(full["budget_x"])
+
+
+def test_extensions_and_approximations_carry_their_mark_in_rows_and_tables(tmp_path):
+    from kvbench.policies.base import Budget
+    from kvbench.policies.corm import CORMPolicy
+    from kvbench.policies.fixed_capacity import FixedCapacityPolicy
+
+    assert CORMPolicy().display_name(Budget("fraction", 0.3)) == "corm (capped, kvbench)"
+    assert CORMPolicy().display_name(Budget()) == "corm"
+    rule = FixedCapacityPolicy(rule="replace_lowest")
+    assert rule.display_name(Budget("tokens", 256)) == "fixed_capacity (replace_lowest, approximation)"
+    records = [_record(np.random.default_rng(0), 0, "passkey", 2048, 0.3, False, True, 0.9)]
+    capped = row("c1", "corm", {"w": 256, "r": 256}, "passkey", records, budget=0.3)
+    native = row("c2", "corm", {"w": 256, "r": 256}, "passkey", records)
+    legacy = row("f1", "fixed_capacity", {"rule": "merge"}, "passkey", records, budget_tokens=256)
+    legacy.pop("label")  # rows committed before the label column: the mark is rebuilt from policy and params
+    for line in (capped, native, legacy):
+        append_line(tmp_path / "results.jsonl", line)
+    df = results.load(tmp_path).set_index("config_hash")
+    assert df.loc["c1", "display_name"] == "corm (capped, kvbench)"
+    assert df.loc["c1", "setting"] == "corm (capped, kvbench) (w=256,r=256)"
+    assert df.loc["c2", "setting"] == "corm(w=256,r=256)"
+    assert df.loc["f1", "display_name"] == "fixed_capacity (merge, approximation)"
 
 
 def test_policy_label_formats_nested_params():
@@ -159,3 +182,9 @@ def test_write_summaries(fixture_dir, tmp_path, capsys):
     assert {"kv_kept_fraction", "kv_bytes", "peak_memory_bytes", "decode_tokens_per_s"} <= set(efficiency.columns)
     assert len(efficiency) == len(SETTINGS)
     assert "KV MiB" in (tmp_path / "s" / "efficiency.md").read_text()
+
+
+def test_fastgen_rows_carry_the_punctuation_note(lines):
+    table = results.score_table(lines[lines["model"] == MODEL])
+    assert "punctuation" in results.notes(table)
+    assert results.notes(table[[c for c in table.columns if "fastgen" not in c]]) == ""

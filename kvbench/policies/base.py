@@ -26,6 +26,7 @@ import torch
 
 from kvbench.cache import EMPTY, KVCache, LayerCache
 from kvbench.errors import UserError
+from kvbench.labels import display_name
 
 ALL_ROWS = -1
 
@@ -103,9 +104,16 @@ class Policy:
     def bind(self, tokenizer: Any) -> None:
         """Receive the model's tokenizer before the run (policies that read token ids, e.g. FastGen)."""
 
-    def diagnostics(self, cache: KVCache) -> dict[str, Any]:
-        """Policy-specific diagnostics of a finished batch (e.g. FastGen's chosen policy per head)."""
-        return {}
+    def diagnostics(self, cache: KVCache) -> list[dict[str, Any]]:
+        """Policy-specific diagnostics of a finished batch, one dict per example in batch order (e.g. FastGen's
+        chosen policy per head for that example); empty when the policy has none."""
+        return []
+
+    def protected_windows(self, prompt_tokens: int, capacity: int | None) -> list[tuple[int, int]]:
+        """Position ranges [start, end) of a compressed prompt of ``prompt_tokens`` tokens that the policy keeps
+        by rule under ``capacity`` entries (sinks, recent or observation window), whatever the scores; [] for
+        none. The synthetic tasks flag a needle that falls inside one (it survives by position, not by merit)."""
+        return []
 
     def observe(self, layer: LayerCache, probs: torch.Tensor, query_positions: torch.Tensor, ctx: Context) -> None:
         """Receive attention probabilities [B, H, q, T] over the layer's current slots for query rows at
@@ -148,6 +156,10 @@ class Policy:
     @property
     def name(self) -> str:
         return type(self).__module__.rsplit(".", 1)[-1]
+
+    def display_name(self, budget: Budget) -> str:
+        """The name rows, tables and legends show, marked where kvbench extends or approximates the paper."""
+        return display_name(self.name, self.params(), budget.kind != "none")
 
 
 class ScorerPolicy(Policy):
@@ -249,6 +261,12 @@ def recent(layer: LayerCache, ctx: Context, window: int) -> torch.Tensor:
     return layer.valid & (layer.positions >= (ctx.seen - window)[:, None, None])
 
 
+def windows(n: int, head: int = 0, tail: int = 0) -> list[tuple[int, int]]:
+    """The first ``head`` and the last ``tail`` positions of an ``n``-token prompt as [start, end) ranges."""
+    head, tail = max(0, min(head, n)), max(0, min(tail, n))
+    return [r for r in ((0, head), (n - tail, n)) if r[1] > r[0]]
+
+
 def sinks(layer: LayerCache, n_sink: int) -> torch.Tensor:
     """The first ``n_sink`` positions of the sequence: [B, Hkv, T]."""
     return layer.positions < n_sink
@@ -265,4 +283,5 @@ __all__ = [
     "recent",
     "sinks",
     "top_capacity",
+    "windows",
 ]

@@ -8,7 +8,7 @@ import torch
 
 from kvbench.cache import LayerCache
 from kvbench.errors import UserError
-from kvbench.policies.base import Context, Policy, below_uniform, recent, top_capacity
+from kvbench.policies.base import Context, Policy, below_uniform, recent, top_capacity, windows
 
 STREAK_MAX = torch.iinfo(torch.int16).max
 
@@ -53,6 +53,9 @@ class CORMPolicy(Policy):
     @property
     def query_rows(self) -> int:
         return self.w if self.prefill == "last_w_rows" else 0
+
+    def protected_windows(self, prompt_tokens: int, capacity: int | None) -> list[tuple[int, int]]:
+        return windows(prompt_tokens, tail=self.r if capacity is None else min(self.r, capacity))
 
     def observe(self, layer: LayerCache, probs: torch.Tensor, query_positions: torch.Tensor, ctx: Context) -> None:
         """Update every slot's streak with a block of rows probs [B, H, q, T], in query order."""

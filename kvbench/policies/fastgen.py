@@ -131,25 +131,23 @@ class FastGenPolicy(Policy):
         keep = keep | (local & (choice >= LOCAL)) | (choice == FULL)
         return keep & layer.valid
 
-    def diagnostics(self, cache: KVCache) -> dict[str, Any]:
+    def diagnostics(self, cache: KVCache) -> list[dict[str, Any]]:
         """Per example: the set chosen for every (layer, KV head), the attention it recovers on the prompt,
         and how many heads chose each set. Empty before profiling."""
         layers = cache.layers
         if not layers or any("fastgen_choice" not in layer.extra for layer in layers):
-            return {}
+            return []
         choice = torch.stack([layer.extra["fastgen_choice"] for layer in layers]).long().cpu()  # [L, B, Hkv]
         recovery = torch.stack([layer.extra["fastgen_recovery"] for layer in layers]).cpu()  # [L, B, Hkv, 5]
         chosen = recovery.gather(-1, choice[..., None])[..., 0]
-        return {
-            "fastgen_choice": [
-                [[CHOICES[c] for c in heads] for heads in row] for row in choice.transpose(0, 1).tolist()
-            ],
-            "fastgen_recovery": chosen.transpose(0, 1).tolist(),
-            "fastgen_choice_counts": [
-                {name: int((choice[:, row] == index).sum()) for index, name in enumerate(CHOICES)}
-                for row in range(choice.shape[1])
-            ],
-        }
+        return [
+            {
+                "fastgen_choice": [[CHOICES[c] for c in heads] for heads in choice[:, row].tolist()],
+                "fastgen_recovery": chosen[:, row].tolist(),
+                "fastgen_choice_counts": {name: int((choice[:, row] == i).sum()) for i, name in enumerate(CHOICES)},
+            }
+            for row in range(choice.shape[1])
+        ]
 
     def _flags(self, layer: LayerCache, ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:
         """Held slots whose token is special, and those whose token is punctuation: [B, Hkv, T] each."""

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from kvbench.cache import LayerCache
 from kvbench.errors import UserError
-from kvbench.policies.base import ALL_ROWS, Context, ScorerPolicy, recent, sinks, to_kv_heads
+from kvbench.policies.base import ALL_ROWS, Context, ScorerPolicy, recent, sinks, to_kv_heads, windows
 
 RULES = ("sliding_window", "replace_lowest", "merge")
 MERGE_BLOCK = 256  # evicted slots compared with the kept ones per block (bounds the similarity matrix)
@@ -63,6 +63,12 @@ class FixedCapacityPolicy(ScorerPolicy):
             positions = layer.positions.float()
             return torch.where(sinks(layer, self.n_sink), -positions, positions)
         return layer.stat("fixed_capacity")
+
+    def protected_windows(self, prompt_tokens: int, capacity: int | None) -> list[tuple[int, int]]:
+        if self.rule == "sliding_window":  # sinks, then the most recent tokens
+            n_sink = min(self.n_sink, capacity or 0)
+            return windows(prompt_tokens, n_sink, (capacity or 0) - n_sink)
+        return windows(prompt_tokens, tail=1)
 
     def protected(self, layer: LayerCache, ctx: Context) -> torch.Tensor:
         if self.rule == "sliding_window":

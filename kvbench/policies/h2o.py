@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from kvbench.cache import LayerCache
-from kvbench.policies.base import ALL_ROWS, Context, ScorerPolicy, recent, to_kv_heads
+from kvbench.policies.base import ALL_ROWS, Context, ScorerPolicy, recent, to_kv_heads, windows
 
 
 @dataclass
@@ -30,6 +30,9 @@ class H2OPolicy(ScorerPolicy):
 
     def score(self, layer: LayerCache, ctx: Context) -> torch.Tensor:
         return layer.stat("h2o")
+
+    def protected_windows(self, prompt_tokens: int, capacity: int | None) -> list[tuple[int, int]]:
+        return windows(prompt_tokens, tail=int((capacity or 0) * self.recent_fraction))
 
     def protected(self, layer: LayerCache, ctx: Context) -> torch.Tensor:
         window = torch.floor(self.layer_capacity(ctx.capacity, ctx) * self.recent_fraction).long()

@@ -134,6 +134,9 @@ class LESSPolicy(Policy):
     def params(self) -> dict[str, Any]:
         return {**super().params(), "trained_budget": self.manifest.get("budget")}
 
+    def protected_windows(self, prompt_tokens: int, capacity: int | None) -> list[tuple[int, int]]:
+        return self._sparse.protected_windows(prompt_tokens, capacity)
+
     def observe(self, layer: LayerCache, probs: torch.Tensor, query_positions: torch.Tensor, ctx: Context) -> None:
         self._sparse.observe(layer, probs, query_positions, ctx)
 

@@ -8,7 +8,7 @@ import torch
 
 from kvbench.cache import LayerCache
 from kvbench.errors import UserError
-from kvbench.policies.base import Context, ScorerPolicy, below_uniform, recent
+from kvbench.policies.base import Context, ScorerPolicy, below_uniform, recent, windows
 
 # Set bits of every byte value: popcount of a packed history by table lookup.
 _POPCOUNT = torch.tensor([bin(value).count("1") for value in range(256)], dtype=torch.int16)
@@ -66,6 +66,9 @@ class ScissorhandsPolicy(ScorerPolicy):
         bits = layer.stat("scissorhands_bits", torch.uint8, ((self.window + 7) // 8,))
         counts = _POPCOUNT.to(bits.device)[bits.long()].sum(-1)  # [B, Hkv, T] unimportant rows in the window
         return -counts.float()
+
+    def protected_windows(self, prompt_tokens: int, capacity: int | None) -> list[tuple[int, int]]:
+        return windows(prompt_tokens, tail=min(self.recent, capacity or 0))
 
     def protected(self, layer: LayerCache, ctx: Context) -> torch.Tensor:
         return recent(layer, ctx, self.recent)

@@ -8,14 +8,15 @@ import torch
 import torch.nn.functional as F
 
 from kvbench.cache import LayerCache
-from kvbench.policies.base import Context, ScorerPolicy, recent, to_kv_heads
+from kvbench.policies.base import Context, ScorerPolicy, recent, to_kv_heads, windows
 
 
 @dataclass
 class SnapKVPolicy(ScorerPolicy):
-    """Sum the attention of the last ``window`` prompt queries over the prefix, pool it along positions
-    (``pooling`` with ``kernel``, stride 1, same padding), keep the top entries per head plus the window
-    (§4.2, Algorithm 1). Defaults are the LongBench runs' (window 32, kernel 7, max pooling).
+    """Sum the attention of the last ``window`` prompt queries over the prefix, pool it along the prefix's
+    positions only (``pooling`` with ``kernel``, stride 1, same padding; the window's own columns take no part,
+    as in the official code), keep the top prefix entries per head plus the window (§4.2, Algorithm 1).
+    Defaults are the LongBench runs' (window 32, kernel 7, max pooling).
 
     Phase: prefill (generated tokens are appended uncompressed, as in the paper). Budget: fraction or tokens
     (the paper's prompt capacity), the window included. GQA: scores averaged over the group (kvpress's
@@ -40,12 +41,15 @@ class SnapKVPolicy(ScorerPolicy):
         return keep
 
     def score(self, layer: LayerCache, ctx: Context) -> torch.Tensor:
-        votes = layer.stat("snapkv")
+        votes = layer.stat("snapkv").masked_fill(self.protected(layer, ctx), 0.0)  # prefix columns only
         batch, heads, length = votes.shape
         flat = votes.reshape(batch * heads, 1, length)
         pool = F.max_pool1d if self.pooling == "max" else F.avg_pool1d
         pooled = pool(flat, self.kernel, stride=1, padding=self.kernel // 2)
         return pooled.reshape(batch, heads, length)
+
+    def protected_windows(self, prompt_tokens: int, capacity: int | None) -> list[tuple[int, int]]:
+        return windows(prompt_tokens, tail=min(self.window, capacity or 0))  # the observation window
 
     def protected(self, layer: LayerCache, ctx: Context) -> torch.Tensor:
         return recent(layer, ctx, self.window)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from kvbench.cache import LayerCache
-from kvbench.policies.base import Context, ScorerPolicy, rotate, sinks
+from kvbench.policies.base import Context, ScorerPolicy, rotate, sinks, windows
 
 
 @dataclass
@@ -36,6 +36,10 @@ class StreamingLLMPolicy(ScorerPolicy):
         # Recent tokens rank by recency; among the sinks the earliest rank first (for budgets below n_sink).
         positions = layer.positions.float()
         return torch.where(sinks(layer, self.n_sink), -positions, positions)
+
+    def protected_windows(self, prompt_tokens: int, capacity: int | None) -> list[tuple[int, int]]:
+        n_sink = min(self.n_sink, capacity or 0)
+        return windows(prompt_tokens, n_sink, (capacity or 0) - n_sink)
 
     def protected(self, layer: LayerCache, ctx: Context) -> torch.Tensor:
         return sinks(layer, self.n_sink)

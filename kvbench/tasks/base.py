@@ -29,6 +29,26 @@ class Example:
     meta: dict[str, Any] = field(default_factory=dict)  # length, depth, all_classes, language, ...
 
 
+# The synthetic tasks' default depth grid: 11 depths from 0.05 to 0.95, measured over the whole model input.
+DEPTHS = [round(0.05 + 0.09 * i, 2) for i in range(11)]
+
+
+def template_overhead(tokenizer: Any, chat: bool, answer_prefix: str) -> tuple[int, int]:
+    """Tokens the model input adds before and after the user message: the chat template's prefix, and its
+    suffix plus the answer prefix (without a template: the BOS token, if any, and the answer prefix)."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        marker = "@@kvbench-message@@"
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": marker}], tokenize=False, add_generation_prompt=True
+        )
+        before, _, after = text.partition(marker)
+        return len(tokenizer.encode(before, add_special_tokens=False)), len(
+            tokenizer.encode(after + answer_prefix, add_special_tokens=False)
+        )
+    bos = len(tokenizer.encode("", add_special_tokens=True))
+    return bos, len(tokenizer.encode(answer_prefix, add_special_tokens=False))
+
+
 @dataclass
 class Task:
     """Base class. Subclasses set the fields' defaults in their YAML and implement ``examples``/``score``."""
@@ -59,12 +79,15 @@ class Task:
 
     def breakdown(self, scores: list[float], metas: list[dict[str, Any]]) -> dict[str, float]:
         """Scores of slices of the task, written beside the task score in its row. The default: by target
-        length (and depth) when the examples record them, as the synthetic tasks' grids do."""
+        length (and depth) when the examples record them, as the synthetic tasks' grids do, and by whether the
+        needle lay inside a window the policy protects (``needle_in_window=true|false``)."""
         cells: dict[str, list[float]] = {}
         for score, meta in zip(scores, metas, strict=True):
             if "length" in meta:
                 key = f"length={meta['length']}" + (f",depth={meta['depth']}" if "depth" in meta else "")
                 cells.setdefault(key, []).append(score)
+            if "needle_in_window" in meta:  # needles a policy keeps by position (sinks, recent window) vs the rest
+                cells.setdefault(f"needle_in_window={str(meta['needle_in_window']).lower()}", []).append(score)
         return {key: self.aggregate(values) for key, values in cells.items()}
 
     def check_data(self, data_dir: Path) -> None:

@@ -273,5 +273,11 @@ def test_a_real_run_compresses_and_reports_its_choices(tiny, data_dir):
     _, engine = run(model, tokenizer, fastgen, Budget(), ids, 4, chunk_size=128)
     report = fastgen.diagnostics(engine.cache)
     assert bool((engine.kept_fraction() < 1).all())
-    assert all(sum(counts.values()) == 4 * 2 for counts in report["fastgen_choice_counts"])  # layers x KV heads
-    assert all(r >= 0.9 - 1e-6 for layers in report["fastgen_recovery"] for heads in layers for r in heads)
+    assert len(report) == 2  # one per example
+    assert all(sum(r["fastgen_choice_counts"].values()) == 4 * 2 for r in report)  # layers x KV heads
+    assert all(x >= 0.9 - 1e-6 for r in report for heads in r["fastgen_recovery"] for x in heads)
+    for row, r in enumerate(report):  # each example's own choices, [layer][KV head]
+        choice = [
+            [CHOICES[int(layer.extra["fastgen_choice"][row, h])] for h in range(2)] for layer in engine.cache.layers
+        ]
+        assert r["fastgen_choice"] == choice
