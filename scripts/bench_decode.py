@@ -46,6 +46,23 @@ def policy_factory(name: str):
     return lambda: instantiate(OmegaConf.load(CONFIG_DIR / "policy" / f"{name}.yaml"))
 
 
+def write_syncs(model, tokenizer, ids: list[int], args, argv: list[str]) -> None:
+    """Host syncs per decode step of every policy on the real model (its 30 layers), to ``host_syncs_cpu.json``."""
+    rows = []
+    for name in ["full", *[n for n in options("policy") if n != "full" and n not in NEEDS_PARAMS]]:
+        make = policy_factory(name)
+        budget = Budget("fraction", args.budget) if make().needs_budget else Budget()
+        rows.append(
+            {"policy": name, "host_syncs_per_step": host_syncs_per_step(model, tokenizer, make, budget, [ids], "cpu")}
+        )
+        print(rows[-1], flush=True)
+    report = {"command": "python scripts/bench_decode.py " + " ".join(argv), "model": "smollm2_135m",
+              "n_layers": model.config.num_hidden_layers, "prompt_tokens": len(ids), "budget": args.budget,
+              "git_commit": git_commit(), "rows": rows}  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "host_syncs_cpu.json").write_text(json.dumps(report, indent=2))
+
+
 def ragged_layout(lengths: list[int], dim: int, group: int, repeats: int) -> dict:
     """One decode attention over KV heads of different lengths: padded to the max with a mask, or flattened
     (each head's entries stored back to back, attention run head by head over its own slice)."""
@@ -102,10 +119,14 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--data-dir", type=Path, default=Path("../shared/data"))
     parser.add_argument("--out", type=Path, default=Path("results/bench"))
     parser.add_argument("--policies", nargs="*", default=None)
+    parser.add_argument("--syncs-only", action="store_true", help="count host syncs per decode step only (no timing)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, tokenizer = load(model_spec("smollm2_135m"), "cpu", torch.float32)
     ids = prompt_ids(tokenizer, args.context, args.data_dir)
+    if args.syncs_only:
+        write_syncs(model, tokenizer, ids[:512], args, argv)
+        return
     kept_len = round(args.budget * args.context)
     budget = Budget("fraction", args.budget)
     # HF generate and kvbench's full cache, at the context and at the kept length, interleaved per repeat.
