@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from kvbench.errors import UserError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 GROUPS = ("model", "policy", "task", "logger")
 
 

