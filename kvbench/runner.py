@@ -287,6 +287,7 @@ class Runner:
             "task": task.name,
             "task_family": task.family,
             "task_version": task.version,
+            "data_revision": getattr(task, "data_revision", None),
             "protocol": cfg.protocol,
             "n_examples": len(records),
             "score": task.aggregate(scores),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,8 +19,14 @@ RUN = ["+policy=snapkv", "budget=0.3", "model=tiny_random_llama", "limit=1"]
 def installed(tmp_path_factory) -> Path:
     """``pip wheel .`` then ``pip install --target`` of that wheel: a site dir holding only the built package."""
     root = tmp_path_factory.mktemp("wheel")
+    source = root / "source"  # a copy of what the wheel is built from, so the build leaves the checkout alone
+    shutil.copytree(REPO / "kvbench", source / "kvbench", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run([*pip, "wheel", str(REPO), "--no-deps", "--no-build-isolation", "-w", str(root / "dist")], check=True)
+    subprocess.run(
+        [*pip, "wheel", str(source), "--no-deps", "--no-build-isolation", "-w", str(root / "dist")], check=True
+    )
     (wheel,) = (root / "dist").glob("kvbench-*.whl")
     subprocess.run([*pip, "install", "--no-deps", "--target", str(root / "site"), str(wheel)], check=True)
     return root / "site"
@@ -54,4 +61,9 @@ def test_installed_wheel_runs_from_another_folder(entry, installed, tmp_path):
     assert done.returncode == 0, done.stderr
     rows = [json.loads(line) for line in (results / "results.jsonl").read_text().splitlines()]
     assert len(rows) == 1
-    assert (rows[0]["task"], rows[0]["policy"], rows[0]["budget"], rows[0]["n_examples"]) == ("passkey", "snapkv", 0.3, 1)
+    assert (rows[0]["task"], rows[0]["policy"], rows[0]["budget"], rows[0]["n_examples"]) == (
+        "passkey",
+        "snapkv",
+        0.3,
+        1,
+    )
