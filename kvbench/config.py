@@ -12,6 +12,16 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 GROUPS = ("model", "policy", "task", "logger")
 
 
+def _default_data_dir() -> str:
+    from kvbench.download import default_data_dir
+
+    return default_data_dir()
+
+
+# config.yaml's default data_dir: KVBENCH_DATA_DIR, else ../shared/data when it exists, else kvbench download's folder.
+OmegaConf.register_new_resolver("kvbench_data_dir", _default_data_dir, replace=True)
+
+
 def options(group: str) -> list[str]:
     """Option names of a config group, nested ones as ``family/name`` (e.g. ``longbench/qasper``)."""
     root = CONFIG_DIR / group

@@ -24,6 +24,7 @@ class Hub:
         self.repos: dict[tuple[str, str], dict[str, bytes]] = {}
         self.commits: dict[tuple[str, str], str] = {}
         self.gated: set[tuple[str, str]] = set()
+        self.static: dict[str, bytes] = {}  # plain files by path, for the non-hub sources of ``kvbench download``
         self.requests: Counter[str] = Counter()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
@@ -49,6 +50,8 @@ class Hub:
         self.server.server_close()
 
     def _lookup(self, path: str) -> tuple[int, dict[str, str], bytes]:
+        if path in self.static:
+            return 200, {}, self.static[path]
         for (repo_type, repo_id), files in self.repos.items():
             base = f"{PREFIX[repo_type]}{repo_id}/resolve/"
             if not path.startswith(base):
