@@ -155,7 +155,14 @@ def download(what: str, root: Path | None = None) -> list[str]:
         from kvbench.hub import hub_file
         from kvbench.tasks.longbench import HUB_DATASET, HUB_FILE, REVISION
 
-        path = hub_file(HUB_DATASET, HUB_FILE, repo_type="dataset", revision=REVISION, what="download longbench")
+        path = hub_file(
+            HUB_DATASET,
+            HUB_FILE,
+            repo_type="dataset",
+            revision=REVISION,
+            what="download longbench",
+            remedy="check the network",
+        )
         done.append(f"{HUB_DATASET}/{HUB_FILE}@{REVISION[:12]} -> {path}")
     if what in ("haystack", "all"):
         base = os.environ.get("KVBENCH_ESSAYS_URL", ESSAYS_URL).rstrip("/")

@@ -2,13 +2,15 @@
 
 It answers what ``hf_hub_download`` asks: ``HEAD``/``GET /<prefix><repo>/resolve/<revision>/<file>`` with the
 ``X-Repo-Commit``, ``ETag`` and ``Content-Length`` headers (``file_download.get_hf_file_metadata``), and
-``X-Error-Code: EntryNotFound`` / ``RepoNotFound`` (404) and ``GatedRepo`` (403), as the hub does. ``requests``
+``X-Error-Code: EntryNotFound`` / ``RepoNotFound`` (404) and ``GatedRepo`` (403), and the tree listing
+``/api/<type>s/<repo>/tree/<revision>/<folder>`` that transformers' tokenizer loading asks for, as the hub does. ``requests``
 counts what each path was asked.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -53,6 +55,15 @@ class Hub:
         if path in self.static:
             return 200, {}, self.static[path]
         for (repo_type, repo_id), files in self.repos.items():
+            tree = f"/api/{repo_type}s/{repo_id}/tree/"
+            if path.startswith(tree):  # list_repo_tree (transformers asks for additional_chat_templates/)
+                folder = path[len(tree) :].partition("/")[2].rstrip("/") + "/"
+                entries = [
+                    {"type": "file", "path": name, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
+                    for name, data in files.items()
+                    if name.startswith(folder)
+                ]
+                return 200, {"Content-Type": "application/json"}, json.dumps(entries).encode()
             base = f"{PREFIX[repo_type]}{repo_id}/resolve/"
             if not path.startswith(base):
                 continue

@@ -145,7 +145,8 @@ class LongBenchTask(Task):
         if self.source == "local":
             raise UserError(f"task '{self.name}' needs {path} (source=local; source=auto also tries the hub)")
         what = f"task '{self.name}' (no {path})" if self.source == "auto" else f"task '{self.name}'"
-        archive = hub_file(HUB_DATASET, HUB_FILE, repo_type="dataset", revision=self.revision, what=what)
+        remedy = "run `kvbench download longbench` with network first, or point data_dir at a local copy"
+        archive = hub_file(HUB_DATASET, HUB_FILE, repo_type="dataset", revision=self.revision, what=what, remedy=remedy)
         try:
             with zipfile.ZipFile(archive) as members:
                 members.getinfo(self.member)
