@@ -3,7 +3,8 @@
 It answers what ``hf_hub_download`` asks: ``HEAD``/``GET /<prefix><repo>/resolve/<revision>/<file>`` with the
 ``X-Repo-Commit``, ``ETag`` and ``Content-Length`` headers (``file_download.get_hf_file_metadata``), and
 ``X-Error-Code: EntryNotFound`` / ``RepoNotFound`` (404) and ``GatedRepo`` (403), and the tree listing
-``/api/<type>s/<repo>/tree/<revision>/<folder>`` that transformers' tokenizer loading asks for, as the hub does. ``requests``
+``/api/<type>s/<repo>/tree/<revision>/<folder>`` that transformers' tokenizer loading asks for, as the hub does.
+``requests``
 counts what each path was asked.
 """
 
