@@ -4,8 +4,7 @@ It answers what ``hf_hub_download`` asks: ``HEAD``/``GET /<prefix><repo>/resolve
 ``X-Repo-Commit``, ``ETag`` and ``Content-Length`` headers (``file_download.get_hf_file_metadata``), and
 ``X-Error-Code: EntryNotFound`` / ``RepoNotFound`` (404) and ``GatedRepo`` (403), and the tree listing
 ``/api/<type>s/<repo>/tree/<revision>/<folder>`` that transformers' tokenizer loading asks for, as the hub does.
-``requests``
-counts what each path was asked.
+``requests`` counts what each path was asked.
 """
 
 from __future__ import annotations
