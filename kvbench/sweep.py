@@ -1,6 +1,6 @@
 """Sweeps through submitit: the grid points of a Hydra multirun as Slurm jobs (or local processes), packed.
 
-``hydra/launcher=slurm`` and ``hydra/launcher=local`` (configs/hydra/launcher/) pick the launchers below:
+``hydra/launcher=slurm`` and ``hydra/launcher=local`` (kvbench/configs/hydra/launcher/) pick the launchers below:
 hydra-submitit-launcher's Slurm and local launchers plus ``pack``. With ``hydra.launcher.pack=N`` one submitit
 job runs N grid points one after the other in one process, each as its own Hydra job (own directory, logs and
 config), so they share the loaded model (``runner.loaded_model``) and the queue sees N times fewer jobs.
@@ -11,7 +11,7 @@ its points again. Points whose rows are complete are skipped and a half-done one
 example (kvbench.runner), all in the shared ``results_dir``.
 
 Hydra builds launchers only from classes in its plugin registry (the ``hydra_plugins`` package).
-``SweepCallback``, which configs/hydra/default.yaml lists in ``hydra.callbacks`` (Hydra builds callbacks before
+``SweepCallback``, which kvbench/configs/hydra/default.yaml lists in ``hydra.callbacks`` (Hydra builds callbacks before
 the sweeper and its launcher), adds ours there as ``hydra_plugins.kvbench_sweep.<class>``.
 """
 

@@ -35,7 +35,7 @@ def tiny():
 
 @pytest.fixture
 def make_config(tmp_path, data_dir):
-    """Compose ``configs/config.yaml`` with overrides, writing into a temporary results dir."""
+    """Compose ``kvbench/configs/config.yaml`` with overrides, writing into a temporary results dir."""
 
     def _compose(*overrides: str) -> DictConfig:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):

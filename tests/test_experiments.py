@@ -1,5 +1,5 @@
-"""Every ``configs/experiment/*.yaml`` composes at every point of its sweep grid and builds its policy and budget
-(no model is loaded)."""
+"""Every ``kvbench/configs/experiment/*.yaml`` composes at every point of its sweep grid and builds its policy and
+budget (no model is loaded)."""
 
 from __future__ import annotations
 

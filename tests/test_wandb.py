@@ -143,7 +143,7 @@ def test_no_logger_never_imports_wandb():
         "from hydra.utils import instantiate\n"
         "from omegaconf import OmegaConf\n"
         "import kvbench.loggers, kvbench.results, kvbench.store\n"
-        "logger = instantiate(OmegaConf.load('configs/logger/none.yaml'))\n"
+        "logger = instantiate(OmegaConf.load('kvbench/configs/logger/none.yaml'))\n"
         "logger.log_rows(OmegaConf.create({'results_dir': 'nowhere'}), [{'task': 't', 'score': 1.0}])\n"
         "logger.finish()\n"
         "print('wandb' in sys.modules)\n"

@@ -1,1 +1,1 @@
-"""KV-cache policies: one dataclass per file, configured by ``configs/policy/<name>.yaml``."""
+"""KV-cache policies: one dataclass per file, configured by ``kvbench/configs/policy/<name>.yaml``."""

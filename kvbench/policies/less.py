@@ -77,7 +77,7 @@ def combine(
 
 
 def default_kernels_dir(model: str, base: str, budget: float) -> Path:
-    """Where ``scripts/train_less.py`` writes by default (``configs/policy/less.yaml`` points here)."""
+    """Where ``scripts/train_less.py`` writes by default (``kvbench/configs/policy/less.yaml`` points here)."""
     from kvbench.models import cache_root
 
     return cache_root() / "less" / f"{model}_{base}_{budget:g}"
@@ -209,7 +209,7 @@ class LESSPolicy(Policy):
 
 def resolve(path: str) -> Path:
     candidate = Path(path).expanduser()
-    return candidate if candidate.is_absolute() else CONFIG_DIR.parent / candidate
+    return candidate if candidate.is_absolute() else CONFIG_DIR.parent.parent / candidate
 
 
 def load_kernels(kernels: str | None, base: str, rank: int, model: str | None) -> tuple[list[Kernels], dict[str, Any]]:

@@ -1,6 +1,6 @@
 """The task interface: a task turns data into ``Example``s and scores one prediction.
 
-A task is a dataclass instantiated from ``configs/task/<name>.yaml`` (``_target_`` + choices). The runner
+A task is a dataclass instantiated from ``kvbench/configs/task/<name>.yaml`` (``_target_`` + choices). The runner
 builds the model input from an example: the user message ``prompt`` (middle-truncated to the model's max prompt
 length, then wrapped in the chat template when ``chat`` is true), followed by ``answer_prefix`` as the start of
 the reply. Under the ``query_agnostic`` protocol the trailing ``question`` (a suffix of ``prompt``) and

@@ -8,17 +8,22 @@ metrics follow ``pred.py`` / ``eval.py``. Middle truncation is the runner's (``k
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 from kvbench.errors import UserError
+from kvbench.hub import hub_file
 from kvbench.metrics import longbench as metrics
 from kvbench.tasks.base import Example, Task
 
 HUB_DATASET = "THUDM/LongBench"
+HUB_FILE = "data.zip"  # the release archive: data/<task>.jsonl and data/<task>_e.jsonl
+# The THUDM/LongBench dataset commit whose data.zip the local copies in ../shared/data/longbench match.
+REVISION = "5e628be450b7e67fb7ae6e201bd6d8f7056f7672"
 CONFIG_DIR = Path(__file__).with_name("longbench_config")
 SOURCES = ("auto", "local", "hub")
 TASKS = tuple(metrics.METRICS)  # the 21 v1 tasks, in the official order
@@ -76,14 +81,16 @@ def question_template(task: str) -> str:
 class LongBenchTask(Task):
     """One LongBench task; ``e`` selects its LongBench-E version, ``source`` where records come from.
 
-    ``source``: ``local`` reads ``<data_dir>/longbench/<subset>[_e].jsonl``; ``hub`` calls
-    ``datasets.load_dataset("THUDM/LongBench", "<subset>[_e]", split="test")``; ``auto`` uses the file when present,
-    else the hub. ``name``, ``max_new_tokens``, ``chat`` and ``stop`` default to the official values.
+    ``source``: ``local`` reads ``<data_dir>/longbench/<subset>[_e].jsonl``; ``hub`` reads the member
+    ``data/<subset>[_e].jsonl`` of ``THUDM/LongBench``'s ``data.zip`` at ``revision`` (downloaded once into the hub
+    cache); ``auto`` uses the local file when present, else the hub. ``name``, ``max_new_tokens``, ``chat`` and
+    ``stop`` default to the official values.
     """
 
     subset: str = ""
     e: bool = False
     source: str = "auto"
+    revision: str = REVISION
     name: str = ""
     max_new_tokens: int | None = None
     chat: bool | None = None
@@ -117,29 +124,48 @@ class LongBenchTask(Task):
     def data_path(self, data_dir: Path) -> Path:
         return Path(data_dir) / "longbench" / f"{self.config_name}.jsonl"
 
-    def check_data(self, data_dir: Path) -> None:
-        """With ``source=local`` the file must exist; ``auto``/``hub`` may fall back on the hub at load time."""
-        path = self.data_path(data_dir)
-        if self.source == "local" and not path.is_file():
-            raise UserError(f"task '{self.name}' needs {path} (source=local; source=auto also tries the hub)")
+    @property
+    def member(self) -> str:
+        """The task's file inside ``data.zip``."""
+        return f"data/{self.config_name}.jsonl"
 
-    def _records(self, data_dir: Path) -> Iterable[dict[str, Any]]:
+    @property
+    def data_revision(self) -> str | None:
+        """The hub revision the records came from (``None`` for a local file); set by ``check_data``."""
+        return self.revision if getattr(self, "_zip", None) else None
+
+    def check_data(self, data_dir: Path) -> None:
+        """Find the records: the local file (unless ``source=hub``), else the hub's ``data.zip``, downloaded now
+        (before any model loads) and checked to hold this task's member."""
         path = self.data_path(data_dir)
+        self.__dict__.pop("_zip", None)
         if self.source != "hub" and path.is_file():
-            with path.open(encoding="utf-8") as lines:
-                return [json.loads(line) for line in lines if line.strip()]
+            self._zip: Path | None = None
+            return
         if self.source == "local":
             raise UserError(f"task '{self.name}' needs {path} (source=local; source=auto also tries the hub)")
-        import datasets
-
+        what = f"task '{self.name}' (no {path})" if self.source == "auto" else f"task '{self.name}'"
+        remedy = "run `kvbench download longbench` with network first, or point data_dir at a local copy"
+        archive = hub_file(HUB_DATASET, HUB_FILE, repo_type="dataset", revision=self.revision, what=what, remedy=remedy)
         try:
-            return datasets.load_dataset(HUB_DATASET, self.config_name, split="test")
-        except Exception as error:  # any failure becomes one line: offline, gated, script refused, ...
-            reason = (str(error).strip().splitlines() or [""])[0]
+            with zipfile.ZipFile(archive) as members:
+                members.getinfo(self.member)
+        except (KeyError, zipfile.BadZipFile) as error:
             raise UserError(
-                f"task '{self.name}': no {path}, and loading {HUB_DATASET} '{self.config_name}' from the hub "
-                f"(needs network) failed: {type(error).__name__}: {reason}"
+                f"task '{self.name}': {HUB_DATASET} {HUB_FILE} at {self.revision[:12]} has no {self.member} "
+                f"({type(error).__name__}); pin another task.revision or put the file at {path}"
             ) from error
+        self._zip = archive
+
+    def _records(self, data_dir: Path) -> list[dict[str, Any]]:
+        if not hasattr(self, "_zip"):
+            self.check_data(data_dir)
+        if self._zip is None:
+            lines = self.data_path(data_dir).read_bytes().splitlines()
+        else:
+            with zipfile.ZipFile(self._zip) as members:
+                lines = members.read(self.member).splitlines()
+        return [json.loads(line) for line in lines if line.strip()]
 
     def examples(self, data_dir: Path, tokenizer: Any) -> Iterator[Example]:
         """The records in file order, each as its official prompt (``template.format(**record)``)."""
@@ -179,7 +205,11 @@ class LongBenchSuite(Task):
     subsets: list[str] = field(default_factory=lambda: list(TASKS))
     e: bool = False
     source: str = "auto"
+    revision: str = REVISION
     needs_data: bool = True
 
     def subtasks(self) -> list[Task]:
-        return [LongBenchTask(subset=s, e=self.e, source=self.source, version=self.version) for s in self.subsets]
+        return [
+            LongBenchTask(subset=s, e=self.e, source=self.source, revision=self.revision, version=self.version)
+            for s in self.subsets
+        ]

@@ -21,7 +21,7 @@ from .test_matrix import essay_ids, run
 
 
 def load_trainer():
-    spec = importlib.util.spec_from_file_location("train_less", CONFIG_DIR.parent / "scripts" / "train_less.py")
+    spec = importlib.util.spec_from_file_location("train_less", CONFIG_DIR.parents[1] / "scripts" / "train_less.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

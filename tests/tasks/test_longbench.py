@@ -6,7 +6,6 @@ import json
 from itertools import islice
 from pathlib import Path
 
-import datasets
 import pytest
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -133,52 +132,6 @@ def test_local_source_needs_the_file(tmp_path):
         task.check_data(tmp_path)
     with pytest.raises(UserError, match=r"needs .*longbench/trec\.jsonl"):
         list(task.examples(tmp_path, None))
-    LongBenchTask(subset="trec", source="auto").check_data(tmp_path)  # may still come from the hub
-
-
-@pytest.fixture
-def hub(tmp_path, data_dir, monkeypatch):
-    """A stand-in for the hub: ``datasets.load_dataset`` answers from DatasetDicts saved under ``tmp_path``."""
-    records = read_records(data_dir, "multi_news")[:3]
-    for config in ("multi_news", "multi_news_e"):
-        datasets.DatasetDict({"test": datasets.Dataset.from_list(records)}).save_to_disk(tmp_path / "hub" / config)
-    calls = []
-
-    def load_dataset(path, name=None, *, split=None, **kwargs):
-        calls.append((path, name, split, kwargs))
-        return datasets.load_from_disk(tmp_path / "hub" / name)[split]
-
-    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
-    return records, calls
-
-
-def test_hub_source_calls_load_dataset_with_the_official_arguments(hub, data_dir, official_prompts, tmp_path):
-    records, calls = hub
-    examples = list(LongBenchTask(subset="multi_news", source="hub").examples(data_dir, None))
-    assert calls == [("THUDM/LongBench", "multi_news", "test", {})]
-    assert [e.prompt for e in examples] == [official_prompts["multi_news"].format(**r) for r in records]
-    assert [e.answers for e in examples] == [r["answers"] for r in records]
-    e_examples = list(LongBenchTask(subset="multi_news", e=True, source="auto").examples(tmp_path, None))
-    assert calls[-1] == ("THUDM/LongBench", "multi_news_e", "test", {})
-    assert [e.id for e in e_examples] == [r["_id"] for r in records]
-
-
-def test_auto_source_prefers_the_local_file(hub, data_dir):
-    _, calls = hub
-    assert len(list(LongBenchTask(subset="multi_news").examples(data_dir, None))) == 200
-    assert calls == []
-
-
-def test_hub_failure_is_a_one_line_user_error(tmp_path, monkeypatch):
-    def offline(*args, **kwargs):
-        raise ConnectionError("Couldn't reach 'THUDM/LongBench' on the Hub (ConnectError)")
-
-    monkeypatch.setattr(datasets, "load_dataset", offline)
-    with pytest.raises(UserError) as error:
-        list(LongBenchTask(subset="qasper").examples(tmp_path, None))
-    message = str(error.value)
-    assert "\n" not in message
-    assert "longbench/qasper.jsonl" in message and "needs network" in message and "ConnectionError" in message
 
 
 def load_config(path: Path):
