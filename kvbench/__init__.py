@@ -1,12 +1,15 @@
 """kvbench: a benchmarking harness for KV-cache eviction in LLM inference.
 
-``kvbench.evaluate`` and ``kvbench.generate`` (the library API, ``kvbench/api.py``) run on a loaded model. The
-function ``generate`` shadows the submodule of the same name as an attribute; import the engine's
-``generate`` with ``from kvbench.generate import generate``.
+``kvbench.evaluate`` and ``kvbench.generate`` (the library API, ``kvbench/api.py``) load on first use, so that
+``import kvbench`` (plots, reports) stays free of torch. The engine's ``generate``: ``from kvbench.generate import``.
 """
 
 __version__ = "0.1.0"
 
-from kvbench.api import evaluate, generate  # noqa: E402
 
-__all__ = ["evaluate", "generate", "__version__"]
+def __getattr__(name: str):
+    if name in ("evaluate", "generate"):
+        from kvbench import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'kvbench' has no attribute {name!r}")

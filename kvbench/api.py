@@ -115,3 +115,14 @@ def generate(
         }
         for row, tokens in enumerate(out.tokens)
     ]
+
+
+def _bind_package() -> None:
+    """Importing this module imported the submodule ``kvbench.generate``, which shadows the API's function."""
+    import kvbench
+
+    kvbench.generate = generate
+    kvbench.evaluate = evaluate
+
+
+_bind_package()

@@ -101,6 +101,7 @@ def row(config_hash: str, policy: str, params: dict[str, Any], task: str, record
         "task": task,
         "task_family": "synthetic" if task == "passkey" else "longbench",
         "task_version": "1",
+        "data_revision": None,
         "protocol": "official",
         "n_examples": len(records),
         "score": 100 * sum(scores) / len(scores),
