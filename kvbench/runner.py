@@ -7,12 +7,14 @@ rerun of the same configuration skips finished rows and resumes a half-done task
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import importlib.util
 import json
 import os
 import platform
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -36,6 +38,7 @@ from kvbench.policies.full import FullCache
 from kvbench.store import ResultStore
 from kvbench.tasks.base import Example, Task
 
+FAULT_ENV = "KVBENCH_TEST_FAULT_SEED"  # test only: see Runner._fault_hook
 # Keys that do not change what a run computes; they stay out of the configuration hash.
 UNHASHED = ("results_dir", "data_dir", "logger", "sweep_id", "batch_size", "diagnostics", "progress", "attention")
 
@@ -189,6 +192,37 @@ class Runner:
         if store.has_row(key):
             print(f"[kvbench] {task.name}: row {key} already in {store.rows_path}, skipped")
             return None
+        hook = self._fault_hook()
+        try:
+            return self._evaluate(task, key)
+        except UserError:
+            raise
+        except Exception as error:  # out of memory, a CUDA or data error: this point fails alone
+            reason = one_line(error)
+        finally:
+            if hook is not None:
+                hook.remove()
+        # Out of the except block: the exception and its traceback (whose frames hold activations) are gone.
+        free_memory(self.device)
+        print(f"[kvbench] {task.name}: failed: {reason}", file=sys.stderr)
+        row = self._failed_row(task, key, reason)
+        store.add_failure(row)
+        return row
+
+    def _fault_hook(self) -> Any:
+        """Test only: with ``KVBENCH_TEST_FAULT_SEED=<seed>``, the point of that seed raises ``MemoryError``
+        inside the model's forward (in its last decoder layer), as an out-of-memory point would."""
+        seed = os.environ.get(FAULT_ENV)
+        if seed is None or int(seed) != int(self.plan.cfg.seed):
+            return None
+
+        def fail(module: torch.nn.Module, args: Any) -> None:
+            raise MemoryError(f"simulated out of memory ({FAULT_ENV}={seed})")
+
+        return self.model.model.layers[-1].register_forward_pre_hook(fail)
+
+    def _evaluate(self, task: Task, key: str) -> dict[str, Any]:
+        cfg, store = self.plan.cfg, self.plan.store
         examples = list(task.examples(self.plan.data_dir, self.tokenizer))
         if cfg.limit is not None:
             examples = examples[: int(cfg.limit)]
@@ -278,6 +312,7 @@ class Runner:
         ]
         return {
             "config_hash": key,
+            "status": "ok",
             "model": run.spec.name,
             "policy": run.policy.name,
             "policy_params": run.policy.params(),
@@ -322,6 +357,41 @@ class Runner:
             "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
         }
 
+    def _failed_row(self, task: Task, key: str, reason: str) -> dict[str, Any]:
+        """What a failed point records: its configuration and the one-line reason (no numbers)."""
+        cfg, run = self.plan.cfg, self.plan
+        return {
+            "config_hash": key,
+            "status": "failed",
+            "reason": reason,
+            "model": run.spec.name,
+            "policy": run.policy.name,
+            "policy_params": run.policy.params(),
+            "budget": run.budget.value if run.budget.kind == "fraction" else None,
+            "budget_tokens": run.budget.value if run.budget.kind == "tokens" else None,
+            "task": task.name,
+            "task_family": task.family,
+            "protocol": cfg.protocol,
+            "seed": int(cfg.seed),
+            "sweep_id": cfg.get("sweep_id"),
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            "git_commit": git_commit(),
+            "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+
+
+def one_line(error: BaseException) -> str:
+    """``Type: first line of the message``, the reason a failed row gives."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def free_memory(device: torch.device) -> None:
+    """Collect what a failed point left (cycles included) and give cached CUDA blocks back."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
 
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
@@ -337,14 +407,12 @@ def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> set[int]:
 
 
 def run(cfg: DictConfig) -> list[dict[str, Any]]:
-    """Validate, load once, evaluate every task of the configuration; returns the rows written."""
+    """Validate, load once, evaluate every task of the configuration; returns its rows (failed ones included:
+    a task that fails at run time gets a ``status="failed"`` row and the other tasks still run)."""
     validated = plan(cfg)
     pending = [task for task in validated.tasks if not validated.store.has_row(config_hash(cfg, task))]
-    rows = [
-        row
-        for row in validated.store.rows()
-        if row["config_hash"] in {config_hash(cfg, task) for task in validated.tasks}
-    ]
+    finished = {config_hash(cfg, task) for task in validated.tasks} - {config_hash(cfg, task) for task in pending}
+    rows = [row for row in validated.store.rows() if row["config_hash"] in finished]
     if pending:
         runner = Runner(validated)
         rows += [row for row in (runner.run_task(task) for task in pending) if row is not None]

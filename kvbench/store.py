@@ -3,7 +3,8 @@
 Every write is one whole line, under an exclusive lock (several Slurm jobs may share a results dir), after
 cutting any partial last line left by a killed writer. Readers skip a partial last line. A row is keyed by its
 ``config_hash``; a predictions file by the same hash, keyed by example id, so a rerun resumes and never
-duplicates.
+duplicates. A row with ``status="failed"`` (a point that ran out of memory, ...) records the failure but does
+not count as done: a rerun retries the point, and its finished row then supersedes the failed one.
 """
 
 from __future__ import annotations
@@ -31,12 +32,15 @@ def _locked(path: Path) -> Iterator[None]:
 def append_line(path: Path, record: dict[str, Any], unless_key: str | None = None) -> bool:
     """Append one JSON line atomically (whole line or nothing) and fsync it.
 
-    With ``unless_key``, nothing is written when a line with the same value for that key exists; the check
-    and the write happen under one lock. Returns whether the line was written.
+    With ``unless_key``, nothing is written when a line with the same value for that key exists (lines with
+    ``status="failed"`` do not count); the check and the write happen under one lock. Returns whether the line
+    was written.
     """
     line = (json.dumps(record, ensure_ascii=False, default=str) + "\n").encode()
     with _locked(path):
-        if unless_key and any(old.get(unless_key) == record[unless_key] for old in read_lines(path)):
+        if unless_key and any(
+            old.get(unless_key) == record[unless_key] and not failed(old) for old in read_lines(path)
+        ):
             return False
         with open(path, "ab+") as handle:
             handle.seek(0)
@@ -64,6 +68,11 @@ def read_lines(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def failed(row: dict[str, Any]) -> bool:
+    """Whether a row records a failed point (``status="failed"``) rather than a result."""
+    return row.get("status") == "failed"
+
+
 class ResultStore:
     """``<results_dir>/results.jsonl`` plus ``<results_dir>/predictions/<config_hash>.jsonl``."""
 
@@ -72,10 +81,21 @@ class ResultStore:
         self.rows_path = self.root / "results.jsonl"
 
     def rows(self) -> list[dict[str, Any]]:
-        return read_lines(self.rows_path)
+        """One row per config hash, in order of first appearance: its result, else its latest failure."""
+        latest: dict[str, dict[str, Any]] = {}
+        for row in read_lines(self.rows_path):
+            key = row.get("config_hash")
+            if key not in latest or failed(latest[key]):
+                latest[key] = row
+        return list(latest.values())
 
     def has_row(self, config_hash: str) -> bool:
-        return any(row.get("config_hash") == config_hash for row in self.rows())
+        """Whether the config hash has a finished (not failed) row."""
+        return any(row.get("config_hash") == config_hash and not failed(row) for row in self.rows())
+
+    def add_failure(self, row: dict[str, Any]) -> None:
+        """Record a failed point (a rerun retries it)."""
+        append_line(self.rows_path, row)
 
     def add_row(self, row: dict[str, Any]) -> bool:
         """Append ``row`` unless a row with its config hash is already there; returns whether it was added."""

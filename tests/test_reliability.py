@@ -1,0 +1,65 @@
+"""No silently wrong score: failed points, up-front validation, context limits, damage, locks (issue 17)."""
+
+from __future__ import annotations
+
+import gc
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+from kvbench import runner
+from kvbench.store import ResultStore
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["model=tiny_random_llama", "+policy=full", "budget=1.0", "progress=false", "limit=1", "task.max_new_tokens=4"]
+
+
+def kvbench(*args: str, data_dir: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    flags = [arg for arg in args if arg.startswith("-")]
+    cmd = [sys.executable, "-m", "kvbench", *flags, f"data_dir={data_dir}", *[a for a in args if a not in flags]]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})})
+
+
+def live_tensor_bytes() -> int:
+    gc.collect()
+    with warnings.catch_warnings():  # isinstance on torch.distributed's deprecated aliases warns
+        warnings.simplefilter("ignore")
+        return sum(o.numel() * o.element_size() for o in gc.get_objects() if isinstance(o, torch.Tensor))
+
+
+def test_point_out_of_memory_is_a_failed_row_and_frees_its_memory(make_config, monkeypatch):
+    monkeypatch.setenv(runner.FAULT_ENV, "1")
+    (ok,) = runner.run(make_config(*TINY, "seed=0"))
+    baseline = live_tensor_bytes()
+    (failed,) = runner.run(make_config(*TINY, "seed=1"))
+    assert failed["status"] == "failed" and failed["reason"].startswith("MemoryError: simulated out of memory")
+    assert live_tensor_bytes() <= baseline  # nothing of the failed forward is still referenced
+    if torch.cuda.is_available():
+        assert torch.cuda.memory_reserved() == torch.cuda.memory_allocated()
+    (after,) = runner.run(make_config(*TINY, "seed=2"))
+    assert ok["status"] == after["status"] == "ok"
+
+
+def test_sweep_survives_an_out_of_memory_point_and_rerun_retries_it(tmp_path, data_dir):
+    args = ["-m", *TINY, "seed=0,1,2", f"results_dir={tmp_path}"]
+    done = kvbench(*args, data_dir=data_dir, env={runner.FAULT_ENV: "1"})
+    assert done.returncode != 0
+    rows = ResultStore(tmp_path).rows()
+    assert sorted((row["seed"], row["status"]) for row in rows) == [(0, "ok"), (1, "failed"), (2, "ok")]
+    (bad,) = [row for row in rows if row["status"] == "failed"]
+    assert bad["reason"].startswith("MemoryError: simulated out of memory") and "\n" not in bad["reason"]
+    report = subprocess.run([sys.executable, "-m", "kvbench.report", str(tmp_path)], capture_output=True, text=True)
+    assert report.returncode == 1 and "| failed" in report.stdout and "MemoryError" in report.stdout
+    assert kvbench(*args, data_dir=data_dir).returncode == 0  # the failed point is retried, the others skipped
+    rows = ResultStore(tmp_path).rows()
+    assert sorted((row["seed"], row["status"]) for row in rows) == [(0, "ok"), (1, "ok"), (2, "ok")]
+
+
+def test_report_and_results_refuse_a_missing_dir(tmp_path):
+    for module in ("kvbench.report", "kvbench.results"):
+        done = subprocess.run([sys.executable, "-m", module, str(tmp_path / "nope")], capture_output=True, text=True)
+        assert done.returncode == 2 and "does not exist" in done.stderr, module
