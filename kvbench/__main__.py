@@ -1,7 +1,8 @@
 """``python -m kvbench``: compose the Hydra config, run it, print the rows.
 
 Unknown config-group options are caught before Hydra composes, so a typo gets one line naming the valid
-choices; every other bad input surfaces as a ``UserError`` raised before anything is written.
+choices. Then every point (one, or each of a multirun's) is composed and validated before Hydra starts: bad
+input anywhere refuses the whole run or sweep with one line, and nothing is written.
 """
 
 from __future__ import annotations
@@ -65,9 +66,62 @@ def main(cfg: DictConfig) -> None:
         sys.exit(1)
 
 
+def points(argv: list[str]) -> list[list[str]] | None:
+    """The override lists of the run (one) or of every multirun point; None for Hydra's own flags (--help,
+    --cfg, ...), which Hydra handles itself."""
+    flags = [arg for arg in argv if arg.startswith("-")]
+    if any(flag not in ("-m", "--multirun") for flag in flags):
+        return None
+    overrides = [arg for arg in argv if not arg.startswith("-")]
+    if not flags:
+        return [overrides]
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    fixed = [o.input_line for o in parser.parse_overrides(overrides) if not o.is_sweep_override()]
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        params = compose("config", overrides=fixed, return_hydra_config=True).hydra.sweeper.params or {}
+    # The sweeper's own grid (e.g. an experiment's hydra.sweeper.params) first, then the command line's.
+    grid = [f"{key}={value}" for key, value in params.items()] + overrides
+    (batch,) = BasicSweeper.split_arguments(parser.parse_overrides(grid), None)
+    return batch
+
+
+def validate(argv: list[str]) -> None:
+    """Compose and check every point (``runner.plan``) before Hydra starts: a bad point refuses the whole
+    sweep, naming the point, and nothing is written (Hydra's ``.hydra/`` included)."""
+    from hydra import compose, initialize_config_dir
+
+    from kvbench.runner import plan
+
+    try:
+        grid = points(argv)
+    except UserError:
+        raise
+    except Exception:  # a malformed override: Hydra reports it (and writes nothing)
+        return
+    if grid is None:
+        return
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        for num, overrides in enumerate(grid):
+            try:
+                cfg = compose("config", overrides=overrides)
+            except Exception:
+                return
+            try:
+                plan(cfg)
+            except UserError as error:
+                if len(grid) > 1:
+                    raise UserError(f"grid point #{num} ({' '.join(overrides)}): {error}; nothing was run") from None
+                raise
+
+
 def cli() -> None:
     try:
         check_group_overrides(sys.argv[1:])
+        validate(sys.argv[1:])
     except UserError as error:
         print(f"kvbench: error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -29,7 +29,8 @@ from tqdm import tqdm
 import kvbench
 from kvbench import models
 from kvbench.attention import KERNELS, Engine
-from kvbench.batching import PROTOCOLS, collate, encode
+from kvbench.batching import collate, encode
+from kvbench.config import check_fields, check_settings
 from kvbench.errors import UserError
 from kvbench.generate import Batch, generate
 from kvbench.measure import peak_kind
@@ -58,6 +59,8 @@ class Plan:
 
 def plan(cfg: DictConfig) -> Plan:
     """Validate the configuration (raises a one-line ``UserError``) and instantiate policy and tasks."""
+    check_settings(cfg)
+    check_fields(models.ModelSpec, OmegaConf.to_container(cfg.model, resolve=True), prefix="model.")
     budget = Budget.from_config(cfg.budget, cfg.get("budget_tokens"))
     policy = instantiate(cfg.policy) if cfg.get("policy") is not None else FullCache()
     if policy.needs_budget and budget.kind == "none":
@@ -66,12 +69,6 @@ def plan(cfg: DictConfig) -> Plan:
         raise UserError(f"policy '{policy.name}' sets its own compression; remove budget/budget_tokens")
     if isinstance(policy, FullCache) and budget.kind != "none" and budget.value != 1.0:
         raise UserError("the full cache keeps everything: use budget=1.0 (or none) with it, or pick a policy")
-    if cfg.protocol not in PROTOCOLS:
-        raise UserError(f"unknown protocol '{cfg.protocol}'; valid: {', '.join(PROTOCOLS)}")
-    if cfg.prefill_eviction not in ("whole", "chunked"):
-        raise UserError(f"prefill_eviction must be 'whole' or 'chunked', not '{cfg.prefill_eviction}'")
-    if cfg.limit is not None and int(cfg.limit) < 1:
-        raise UserError(f"limit must be a positive number of examples or null, got {cfg.limit}")
     check_kernel(cfg.attention, cfg.device, cfg.dtype)
     spec = models.ModelSpec(**OmegaConf.to_container(cfg.model, resolve=True))
     models.check_available(spec)
