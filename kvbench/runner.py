@@ -76,7 +76,20 @@ def plan(cfg: DictConfig) -> Plan:
     tasks = instantiate(cfg.task).subtasks()
     for task in tasks:
         task.check_data(data_dir)
+        longest = max(getattr(task, "lengths", None) or [0])
+        if not truncates(task) and longest > spec.max_prompt_tokens:
+            raise UserError(
+                f"task '{task.name}' would be truncated: length {longest} is over model '{spec.name}''s "
+                f"max_prompt_tokens={spec.max_prompt_tokens} ({spec.max_prompt_tokens_source or 'its limit'}); "
+                "its score depends on the whole prompt, so use shorter task.lengths"
+            )
     return Plan(cfg, spec, policy, budget, tasks, data_dir, ResultStore(cfg.results_dir))
+
+
+def truncates(task: Task) -> bool:
+    """LongBench middle-truncates long prompts (its protocol); every other task refuses to: passkey, needle
+    and RULER are scored on the whole prompt."""
+    return task.family == "longbench"
 
 
 def config_hash(cfg: DictConfig, task: Task) -> str:
@@ -218,11 +231,33 @@ class Runner:
 
         return self.model.model.layers[-1].register_forward_pre_hook(fail)
 
+    def _check_context(self, task: Task, examples: list[Example]) -> None:
+        """Refuse (one line, before any prediction) a prompt the model cannot take: over its context
+        (``max_position_embeddings``) with the answer, or over ``max_prompt_tokens`` for a task that must not
+        be truncated."""
+        spec = self.plan.spec
+        context = getattr(self.model.config, "max_position_embeddings", None)
+        if context is not None and spec.max_prompt_tokens > context:
+            raise UserError(
+                f"model '{spec.name}': max_prompt_tokens={spec.max_prompt_tokens} is over its context of {context} "
+                "tokens (max_position_embeddings)"
+            )
+        if truncates(task):
+            return
+        for example in examples:
+            n = len(self.tokenizer(example.prompt, add_special_tokens=False)["input_ids"])
+            if n > spec.max_prompt_tokens:
+                raise UserError(
+                    f"task '{task.name}', example {example.id}: {n} prompt tokens, over model '{spec.name}''s "
+                    f"max_prompt_tokens={spec.max_prompt_tokens}; this task is not truncated, use shorter lengths"
+                )
+
     def _evaluate(self, task: Task, key: str) -> dict[str, Any]:
         cfg, store = self.plan.cfg, self.plan.store
         examples = list(task.examples(self.plan.data_dir, self.tokenizer))
         if cfg.limit is not None:
             examples = examples[: int(cfg.limit)]
+        self._check_context(task, examples)
         done = store.predictions(key)
         todo = [example for example in examples if example.id not in done]
         if done:
@@ -266,6 +301,7 @@ class Runner:
         prompt_tokens = batch.attention_mask.sum(-1).tolist()
         records = []
         for row, example in enumerate(examples):
+            original = len(self.tokenizer(example.prompt, add_special_tokens=False)["input_ids"])
             raw = self.tokenizer.decode(out.tokens[row], skip_special_tokens=True)
             prediction = task.postprocess(raw)
             share = prompt_tokens[row] / sum(prompt_tokens)
@@ -277,6 +313,10 @@ class Runner:
                     "score": task.score(prediction, example),
                     "meta": example.meta,
                     "n_prompt_tokens": prompt_tokens[row],
+                    "n_prompt_tokens_original": original,  # the user message, before middle truncation
+                    "n_prompt_tokens_kept": min(original, 2 * int(spec.max_prompt_tokens / 2))
+                    if original > spec.max_prompt_tokens
+                    else original,
                     "n_new_tokens": len(out.tokens[row]),
                     "kv_kept_fraction": float(kept[row]),
                     "kv_kept_per_head": per_layer[:, row].tolist(),
@@ -321,6 +361,9 @@ class Runner:
             "task_version": task.version,
             "protocol": cfg.protocol,
             "n_examples": len(records),
+            "truncated_share": _mean(
+                [float(r.get("n_prompt_tokens_kept", 0) < r.get("n_prompt_tokens_original", 0)) for r in records]
+            ),
             "score": task.aggregate(scores),
             "score_breakdown": task.breakdown(scores, [record["meta"] for record in records]),
             "kv_kept_fraction": _mean([r["kv_kept_fraction"] for r in records]),

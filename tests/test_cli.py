@@ -42,6 +42,7 @@ BAD_INPUTS = [
     (["+policy=h2o", "budget=true"], "budget must be a number or null, got True"),
     (["+policy=snapkv", "budget=0.3", "policy.window=abc"], "policy.window must be an integer, got 'abc'"),
     (["+policy=snapkv", "budget=0.3", "policy.pooling=foo"], "unknown policy.pooling 'foo'; valid: max, avg"),
+    (["task=passkey", "task.lengths=[20000]"], "task 'passkey' would be truncated: length 20000 is over model"),
     (["protocol=both"], "unknown protocol 'both'; valid: official, query_agnostic"),
 ]
 

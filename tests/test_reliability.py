@@ -9,9 +9,11 @@ import sys
 import warnings
 from pathlib import Path
 
+import pytest
 import torch
 
 from kvbench import runner
+from kvbench.errors import UserError
 from kvbench.store import ResultStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,3 +65,17 @@ def test_report_and_results_refuse_a_missing_dir(tmp_path):
     for module in ("kvbench.report", "kvbench.results"):
         done = subprocess.run([sys.executable, "-m", module, str(tmp_path / "nope")], capture_output=True, text=True)
         assert done.returncode == 2 and "does not exist" in done.stderr, module
+
+
+def test_prompt_over_the_model_context_is_refused(make_config, tmp_path):
+    # tiny_random_llama has max_position_embeddings=8192; before, a prompt ran past it and wrote a row.
+    with pytest.raises(UserError, match=r"over its context of 8192 tokens \(max_position_embeddings\)"):
+        runner.run(make_config(*TINY, "model.max_prompt_tokens=12000"))
+    assert not (tmp_path / "results" / "results.jsonl").exists()
+
+
+def test_longbench_truncation_is_recorded_per_example_and_in_the_row(make_config, tmp_path):
+    (row,) = runner.run(make_config(*TINY, "task=longbench/multi_news", "model.max_prompt_tokens=300"))
+    assert row["truncated_share"] == 1.0
+    (record,) = ResultStore(tmp_path / "results").predictions(row["config_hash"]).values()
+    assert record["n_prompt_tokens_original"] > 300 and record["n_prompt_tokens_kept"] == 300
