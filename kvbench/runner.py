@@ -233,8 +233,8 @@ class Runner:
 
     def _check_context(self, task: Task, examples: list[Example]) -> None:
         """Refuse (one line, before any prediction) a prompt the model cannot take: over its context
-        (``max_position_embeddings``) with the answer, or over ``max_prompt_tokens`` for a task that must not
-        be truncated."""
+        (``max_position_embeddings``), over ``max_prompt_tokens`` for a task that must not be truncated, or
+        without a question to hold out under ``protocol=query_agnostic``."""
         spec = self.plan.spec
         context = getattr(self.model.config, "max_position_embeddings", None)
         if context is not None and spec.max_prompt_tokens > context:
@@ -242,6 +242,11 @@ class Runner:
                 f"model '{spec.name}': max_prompt_tokens={spec.max_prompt_tokens} is over its context of {context} "
                 "tokens (max_position_embeddings)"
             )
+        if self.plan.cfg.protocol == "query_agnostic":  # every question must split off (else an error, now)
+            for example in examples:
+                encode(
+                    example, self.tokenizer, task.chat and spec.chat_template, spec.max_prompt_tokens, "query_agnostic"
+                )
         if truncates(task):
             return
         for example in examples:

@@ -13,8 +13,10 @@ import pytest
 import torch
 
 from kvbench import runner
+from kvbench.batching import encode
 from kvbench.errors import UserError
 from kvbench.store import ResultStore
+from kvbench.tasks.passkey import PasskeyTask
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["model=tiny_random_llama", "+policy=full", "budget=1.0", "progress=false", "limit=1", "task.max_new_tokens=4"]
@@ -79,3 +81,10 @@ def test_longbench_truncation_is_recorded_per_example_and_in_the_row(make_config
     assert row["truncated_share"] == 1.0
     (record,) = ResultStore(tmp_path / "results").predictions(row["config_hash"]).values()
     assert record["n_prompt_tokens_original"] > 300 and record["n_prompt_tokens_kept"] == 300
+
+
+def test_query_agnostic_without_the_question_in_the_prompt_is_an_error(tiny, data_dir):
+    (example,) = list(PasskeyTask(lengths=[256], depths=[0.5]).examples(data_dir, tiny[1]))
+    example.question = "a question that is not in the prompt"
+    with pytest.raises(UserError, match=f"question of example {example.id} is not in its prompt"):
+        encode(example, tiny[1], True, 2000, "query_agnostic")
