@@ -304,6 +304,7 @@ class Runner:
         mass = engine.attention_mass()
         policy_diagnostics = self.plan.policy.diagnostics(engine.cache)
         prompt_tokens = batch.attention_mask.sum(-1).tolist()
+        width = len(examples)
         records = []
         for row, example in enumerate(examples):
             original = len(self.tokenizer(example.prompt, add_special_tokens=False)["input_ids"])
@@ -326,10 +327,13 @@ class Runner:
                     "kv_kept_fraction": float(kept[row]),
                     "kv_kept_per_head": per_layer[:, row].tolist(),
                     "attention_mass_retained": None if mass is None else float(mass[row]),
-                    "kv_bytes": engine.peak_nbytes,
-                    "kv_payload_bytes": engine.peak_kv_nbytes,
-                    "kv_bytes_decode": engine.peak_decode_nbytes,
-                    "kv_bytes_full": engine.full_nbytes(),
+                    # Per example (the engine counts the whole batch, padding included): batch_size stays
+                    # out of the config hash, so these must not depend on it.
+                    "kv_bytes": engine.peak_nbytes // width,
+                    "kv_payload_bytes": engine.peak_kv_nbytes // width,
+                    "kv_bytes_decode": engine.peak_decode_nbytes // width,
+                    "kv_bytes_full": engine.full_nbytes() // width,
+                    "kv_bytes_batch": engine.peak_nbytes,
                     "prefill_s": out.prefill_s * share,
                     "decode_s": out.decode_s * share,
                     "ttft_s": out.prefill_s,

@@ -88,3 +88,12 @@ def test_query_agnostic_without_the_question_in_the_prompt_is_an_error(tiny, dat
     example.question = "a question that is not in the prompt"
     with pytest.raises(UserError, match=f"question of example {example.id} is not in its prompt"):
         encode(example, tiny[1], True, 2000, "query_agnostic")
+
+
+def test_kv_bytes_are_per_example_whatever_the_batch_size(make_config, tmp_path):
+    # Two passkey prompts of the same length: one batch of two or two batches of one hold the same per example.
+    args = ["model=tiny_random_llama", "+policy=h2o", "budget=0.5", "progress=false", "limit=2"]
+    args += ["task.max_new_tokens=4"]
+    rows = [runner.run(make_config(*args, f"batch_size={n}", f"results_dir={tmp_path / str(n)}"))[0] for n in (1, 2)]
+    for key in ("kv_bytes", "kv_payload_bytes", "kv_bytes_decode", "kv_bytes_full"):
+        assert rows[0][key] == rows[1][key] > 0, key
