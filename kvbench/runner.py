@@ -259,6 +259,7 @@ class Runner:
 
     def _evaluate(self, task: Task, key: str) -> dict[str, Any]:
         cfg, store = self.plan.cfg, self.plan.store
+        repair = store.damaged(key)
         examples = list(task.examples(self.plan.data_dir, self.tokenizer))
         if cfg.limit is not None:
             examples = examples[: int(cfg.limit)]
@@ -276,7 +277,7 @@ class Runner:
                 bar.update(len(todo[start : start + size]))
         records = [store.predictions(key)[example.id] for example in examples]
         row = self._row(task, key, records, time.perf_counter() - started)
-        store.add_row(row)
+        store.add_row(row, repair=repair)
         return row
 
     def _run_batch(self, task: Task, examples: list[Example]) -> list[dict[str, Any]]:

@@ -13,6 +13,7 @@ import contextlib
 import fcntl
 import json
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -58,13 +59,13 @@ def read_lines(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     records = []
-    for line in path.read_bytes().split(b"\n"):
+    for number, line in enumerate(path.read_bytes().split(b"\n"), start=1):
         if not line.strip():
             continue
         try:
             records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            print(f"kvbench: warning: {path}:{number}: damaged line skipped", file=sys.stderr)
     return records
 
 
@@ -85,21 +86,39 @@ class ResultStore:
         latest: dict[str, dict[str, Any]] = {}
         for row in read_lines(self.rows_path):
             key = row.get("config_hash")
-            if key not in latest or failed(latest[key]):
+            if key not in latest or failed(latest[key]) or not failed(row):  # a repaired row supersedes
                 latest[key] = row
         return list(latest.values())
 
     def has_row(self, config_hash: str) -> bool:
-        """Whether the config hash has a finished (not failed) row."""
-        return any(row.get("config_hash") == config_hash and not failed(row) for row in self.rows())
+        """Whether the config hash has a finished (not failed) row whose predictions are all on disk."""
+        row = next((r for r in self.rows() if r.get("config_hash") == config_hash and not failed(r)), None)
+        if row is None:
+            return False
+        found = len(self.predictions(config_hash))
+        if found < (row.get("n_examples") or 0):
+            print(
+                f"kvbench: warning: row {config_hash}: {self.predictions_path(config_hash)} holds {found} of "
+                f"{row['n_examples']} examples; rerunning repairs it",
+                file=sys.stderr,
+            )
+            return False
+        return True
+
+    def damaged(self, config_hash: str) -> bool:
+        """Whether the config hash has a finished row whose predictions file lacks some of its examples."""
+        return any(r.get("config_hash") == config_hash and not failed(r) for r in self.rows()) and not self.has_row(
+            config_hash
+        )
 
     def add_failure(self, row: dict[str, Any]) -> None:
         """Record a failed point (a rerun retries it)."""
         append_line(self.rows_path, row)
 
-    def add_row(self, row: dict[str, Any]) -> bool:
-        """Append ``row`` unless a row with its config hash is already there; returns whether it was added."""
-        return append_line(self.rows_path, row, unless_key="config_hash")
+    def add_row(self, row: dict[str, Any], repair: bool = False) -> bool:
+        """Append ``row`` unless a row with its config hash is already there (``repair``: always, superseding
+        a row whose predictions were damaged); returns whether it was added."""
+        return append_line(self.rows_path, row, unless_key=None if repair else "config_hash")
 
     def predictions_path(self, config_hash: str) -> Path:
         return self.root / "predictions" / f"{config_hash}.jsonl"

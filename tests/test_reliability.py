@@ -97,3 +97,17 @@ def test_kv_bytes_are_per_example_whatever_the_batch_size(make_config, tmp_path)
     rows = [runner.run(make_config(*args, f"batch_size={n}", f"results_dir={tmp_path / str(n)}"))[0] for n in (1, 2)]
     for key in ("kv_bytes", "kv_payload_bytes", "kv_bytes_decode", "kv_bytes_full"):
         assert rows[0][key] == rows[1][key] > 0, key
+
+
+def test_damaged_predictions_of_a_finished_row_are_reported_and_repaired(tmp_path, data_dir):
+    args = [*TINY, "limit=2", f"results_dir={tmp_path}"]
+    assert kvbench(*args, data_dir=data_dir).returncode == 0
+    (row,) = ResultStore(tmp_path).rows()
+    path = ResultStore(tmp_path).predictions_path(row["config_hash"])
+    path.write_bytes(path.read_bytes()[:-20])  # a cut last line
+    rerun = kvbench(*args, data_dir=data_dir)
+    assert rerun.returncode == 0
+    assert f"{path}:2: damaged line skipped" in rerun.stderr and "holds 1 of 2 examples" in rerun.stderr
+    (repaired,) = ResultStore(tmp_path).rows()
+    assert repaired["n_examples"] == 2 and len(ResultStore(tmp_path).predictions(row["config_hash"])) == 2
+    assert repaired["timestamp"] >= row["timestamp"] and ResultStore(tmp_path).has_row(row["config_hash"])
