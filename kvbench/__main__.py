@@ -1,7 +1,8 @@
 """``python -m kvbench``: compose the Hydra config, run it, print the rows.
 
 Unknown config-group options are caught before Hydra composes, so a typo gets one line naming the valid
-choices; every other bad input surfaces as a ``UserError`` raised before anything is written.
+choices. Then every point (one, or each of a multirun's) is composed and validated before Hydra starts: bad
+input anywhere refuses the whole run or sweep with one line, and nothing is written.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import re
 import sys
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
@@ -17,6 +20,7 @@ from kvbench.config import CONFIG_DIR, GROUPS, check_option
 from kvbench.errors import UserError
 from kvbench.report import print_rows
 from kvbench.runner import run
+from kvbench.store import failed
 
 GROUP_OVERRIDE = re.compile(rf"^[+~]*({'|'.join(GROUPS)})=(.+)$")
 
@@ -30,18 +34,88 @@ def check_group_overrides(argv: list[str]) -> None:
                 check_option(match.group(1), name)
 
 
+class PointFailed(Exception):
+    """A multirun point that failed: raised (not exited) so that Hydra records it and runs the next point."""
+
+
+def _multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
+    """Run one configuration. Exit 2 on bad input, 1 when a task failed at run time (its row says why); in a
+    multirun both raise ``PointFailed`` instead, so the sweep goes on and Hydra exits non-zero at its end."""
     logger = instantiate(cfg.logger)
     try:
         rows = run(cfg)
         logger.log_rows(cfg, rows)
     except UserError as error:
         print(f"kvbench: error: {error}", file=sys.stderr)
+        if _multirun():
+            raise PointFailed(str(error)) from None
         sys.exit(2)
     finally:
         logger.finish()
     print_rows(rows)
+    failures = [f"{row['task']}: {row['reason']}" for row in rows if failed(row)]
+    if failures:
+        print(f"kvbench: error: failed: {'; '.join(failures)}", file=sys.stderr)
+        if _multirun():
+            raise PointFailed("; ".join(failures))
+        sys.exit(1)
+
+
+def points(argv: list[str]) -> list[list[str]] | None:
+    """The override lists of the run (one) or of every multirun point; None for Hydra's own flags (--help,
+    --cfg, ...), which Hydra handles itself."""
+    flags = [arg for arg in argv if arg.startswith("-")]
+    if any(flag not in ("-m", "--multirun") for flag in flags):
+        return None
+    overrides = [arg for arg in argv if not arg.startswith("-")]
+    if not flags:
+        return [overrides]
+    from hydra import compose, initialize_config_dir
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    fixed = [o.input_line for o in parser.parse_overrides(overrides) if not o.is_sweep_override()]
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        params = compose("config", overrides=fixed, return_hydra_config=True).hydra.sweeper.params or {}
+    # The sweeper's own grid (e.g. an experiment's hydra.sweeper.params) first, then the command line's.
+    grid = [f"{key}={value}" for key, value in params.items()] + overrides
+    (batch,) = BasicSweeper.split_arguments(parser.parse_overrides(grid), None)
+    return batch
+
+
+def validate(argv: list[str]) -> None:
+    """Compose and check every point (``runner.plan``) before Hydra starts: a bad point refuses the whole
+    sweep, naming the point, and nothing is written (Hydra's ``.hydra/`` included)."""
+    from hydra import compose, initialize_config_dir
+
+    from kvbench.runner import plan
+
+    try:
+        grid = points(argv)
+    except UserError:
+        raise
+    except Exception:  # a malformed override: Hydra reports it (and writes nothing)
+        return
+    if grid is None:
+        return
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        for num, overrides in enumerate(grid):
+            try:
+                cfg = compose("config", overrides=overrides)
+            except Exception:
+                return
+            try:
+                plan(cfg)
+            except UserError as error:
+                if len(grid) > 1:
+                    raise UserError(f"grid point #{num} ({' '.join(overrides)}): {error}; nothing was run") from None
+                raise
 
 
 def cli() -> None:
@@ -52,6 +126,7 @@ def cli() -> None:
         return
     try:
         check_group_overrides(sys.argv[1:])
+        validate(sys.argv[1:])
     except UserError as error:
         print(f"kvbench: error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -23,9 +23,16 @@ def encode(example: Example, tokenizer: Any, chat: bool, max_prompt_tokens: int,
     if protocol not in PROTOCOLS:
         raise UserError(f"unknown protocol '{protocol}'; valid: {', '.join(PROTOCOLS)}")
     text, special = render(example, tokenizer, chat, max_prompt_tokens)
-    split = text.rfind(example.question) if protocol == "query_agnostic" and example.question else -1
-    if split <= 0:
+    if protocol == "official":
         return [tokenizer.encode(text, add_special_tokens=special), []]
+    split = text.rfind(example.question) if example.question else -1
+    if split <= 0:
+        raise UserError(
+            f"protocol=query_agnostic: example {example.id} has no question to hold out"
+            if not example.question
+            else f"protocol=query_agnostic: the question of example {example.id} is not in its prompt verbatim"
+            " (truncated away?); use protocol=official"
+        )
     head = tokenizer.encode(text[:split], add_special_tokens=special)
     return [head, tokenizer.encode(text[split:], add_special_tokens=False)]
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 COLUMNS = (
+    ("status", "status", "{}"),
     ("task", "task", "{}"),
     ("policy", "policy", "{}"),
     ("budget", "budget", "{}"),
@@ -19,7 +21,7 @@ COLUMNS = (
 
 
 def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
-    value = row.get(key)
+    value = row.get(key, "ok" if key == "status" else None)
     if value is None:
         return "-"
     if key.startswith("kv_bytes"):
@@ -39,17 +41,33 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
     widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
     for line in [header, ["-" * w for w in widths], *body]:
         print("| " + " | ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=True)) + " |")
+    for row in rows:
+        if row.get("status") == "failed":
+            print(
+                f"failed: {row['task']} {row['policy']} {_cell(row, 'budget', '{}')} seed={row.get('seed')}: "
+                f"{row.get('reason')}"
+            )
 
 
-def main(argv: list[str]) -> None:
-    """``python -m kvbench.report RESULTS_DIR``: print every row of a results dir."""
-    from kvbench.store import ResultStore
+def main(argv: list[str]) -> int:
+    """``python -m kvbench.report RESULTS_DIR...``: print every row of each results dir.
 
+    Exit status 2 when a directory does not exist, 1 when a row records a failed point, else 0."""
+    from pathlib import Path
+
+    from kvbench.store import ResultStore, failed
+
+    status = 0
     for results_dir in argv:
-        print_rows(ResultStore(results_dir).rows())
+        if not Path(results_dir).is_dir():
+            print(f"kvbench.report: error: results dir {results_dir} does not exist", file=sys.stderr)
+            return 2
+        rows = ResultStore(results_dir).rows()
+        print_rows(rows)
+        if any(failed(row) for row in rows):
+            status = 1
+    return status
 
 
 if __name__ == "__main__":
-    import sys
-
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))

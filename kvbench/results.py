@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from kvbench.labels import display_name
-from kvbench.store import ResultStore, read_lines
+from kvbench.store import ResultStore, failed, read_lines
 
 MACRO = "average"  # task name of the macro-average rows that ``summary`` adds
 N_RESAMPLES = 1000
@@ -149,7 +150,12 @@ def load(results_dir: str | Path) -> pd.DataFrame:
     """
     root = Path(results_dir)
     paths = sorted(root.rglob("results.jsonl")) if root.is_dir() else [root] if root.is_file() else []
-    records = [{**ROW_DEFAULTS, **row, "results_dir": str(path.parent)} for path in paths for row in read_lines(path)]
+    records = [
+        {**ROW_DEFAULTS, **row, "results_dir": str(path.parent)}
+        for path in paths
+        for row in read_lines(path)
+        if not failed(row)  # a failed point has no numbers; `python -m kvbench.report` lists it
+    ]
     columns = [
         *ROW_DEFAULTS,
         "results_dir",
@@ -423,6 +429,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("results_dir", nargs="?", default="results")
     parser.add_argument("--out", default=None, help="output folder (default: RESULTS_DIR/summary)")
     args = parser.parse_args(argv)
+    if not Path(args.results_dir).exists():
+        print(f"kvbench.results: error: results dir {args.results_dir} does not exist", file=sys.stderr)
+        return 2
     written = write_summaries(args.results_dir, args.out)
     if not written:
         print("no results yet")

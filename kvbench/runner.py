@@ -7,12 +7,14 @@ rerun of the same configuration skips finished rows and resumes a half-done task
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import importlib.util
 import json
 import os
 import platform
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -27,7 +29,8 @@ from tqdm import tqdm
 import kvbench
 from kvbench import models
 from kvbench.attention import KERNELS, Engine
-from kvbench.batching import PROTOCOLS, collate, encode, length_grouped, needle_span
+from kvbench.batching import collate, encode, length_grouped, needle_span
+from kvbench.config import check_fields, check_settings
 from kvbench.errors import UserError
 from kvbench.generate import Batch, generate
 from kvbench.measure import peak_kind
@@ -36,6 +39,7 @@ from kvbench.policies.full import FullCache
 from kvbench.store import ResultStore
 from kvbench.tasks.base import Example, Task
 
+FAULT_ENV = "KVBENCH_TEST_FAULT_SEED"  # test only: see Runner._fault_hook
 # Keys that do not change what a run computes; they stay out of the configuration hash.
 UNHASHED = ("results_dir", "data_dir", "logger", "sweep_id", "batch_size", "progress", "attention")
 
@@ -56,6 +60,8 @@ class Plan:
 def plan(cfg: DictConfig, check_model: bool = True) -> Plan:
     """Validate the configuration (raises a one-line ``UserError``) and instantiate policy and tasks;
     ``check_model=False`` skips the model's files (the library API passes a loaded model)."""
+    check_settings(cfg)
+    check_fields(models.ModelSpec, OmegaConf.to_container(cfg.model, resolve=True), prefix="model.")
     budget = Budget.from_config(cfg.budget, cfg.get("budget_tokens"))
     policy = instantiate(cfg.policy) if cfg.get("policy") is not None else FullCache()
     if policy.needs_budget and budget.kind == "none":
@@ -64,12 +70,6 @@ def plan(cfg: DictConfig, check_model: bool = True) -> Plan:
         raise UserError(f"policy '{policy.name}' sets its own compression; remove budget/budget_tokens")
     if isinstance(policy, FullCache) and budget.kind != "none" and budget.value != 1.0:
         raise UserError("the full cache keeps everything: use budget=1.0 (or none) with it, or pick a policy")
-    if cfg.protocol not in PROTOCOLS:
-        raise UserError(f"unknown protocol '{cfg.protocol}'; valid: {', '.join(PROTOCOLS)}")
-    if cfg.prefill_eviction not in ("whole", "chunked"):
-        raise UserError(f"prefill_eviction must be 'whole' or 'chunked', not '{cfg.prefill_eviction}'")
-    if cfg.limit is not None and int(cfg.limit) < 1:
-        raise UserError(f"limit must be a positive number of examples or null, got {cfg.limit}")
     check_kernel(cfg.attention, cfg.device, cfg.dtype)
     spec = models.ModelSpec(**OmegaConf.to_container(cfg.model, resolve=True))
     if check_model:
@@ -78,7 +78,20 @@ def plan(cfg: DictConfig, check_model: bool = True) -> Plan:
     tasks = instantiate(cfg.task).subtasks()
     for task in tasks:
         task.check_data(data_dir)
+        longest = max(getattr(task, "lengths", None) or [0])
+        if not truncates(task) and longest > spec.max_prompt_tokens:
+            raise UserError(
+                f"task '{task.name}' would be truncated: length {longest} is over model '{spec.name}''s "
+                f"max_prompt_tokens={spec.max_prompt_tokens} ({spec.max_prompt_tokens_source or 'its limit'}); "
+                "its score depends on the whole prompt, so use shorter task.lengths"
+            )
     return Plan(cfg, spec, policy, budget, tasks, data_dir, ResultStore(cfg.results_dir))
+
+
+def truncates(task: Task) -> bool:
+    """LongBench middle-truncates long prompts (its protocol); every other task refuses to: passkey, needle
+    and RULER are scored on the whole prompt."""
+    return task.family == "longbench"
 
 
 def config_hash(cfg: DictConfig, task: Task) -> str:
@@ -191,9 +204,68 @@ class Runner:
         if store.has_row(key):
             print(f"[kvbench] {task.name}: row {key} already in {store.rows_path}, skipped")
             return None
+        hook = self._fault_hook()
+        try:
+            return self._evaluate(task, key)
+        except UserError:
+            raise
+        except Exception as error:  # out of memory, a CUDA or data error: this point fails alone
+            reason = one_line(error)
+        finally:
+            if hook is not None:
+                hook.remove()
+        # Out of the except block: the exception and its traceback (whose frames hold activations) are gone.
+        free_memory(self.device)
+        print(f"[kvbench] {task.name}: failed: {reason}", file=sys.stderr)
+        row = self._failed_row(task, key, reason)
+        store.add_failure(row)
+        return row
+
+    def _fault_hook(self) -> Any:
+        """Test only: with ``KVBENCH_TEST_FAULT_SEED=<seed>``, the point of that seed raises ``MemoryError``
+        inside the model's forward (in its last decoder layer), as an out-of-memory point would."""
+        seed = os.environ.get(FAULT_ENV)
+        if seed is None or int(seed) != int(self.plan.cfg.seed):
+            return None
+
+        def fail(module: torch.nn.Module, args: Any) -> None:
+            raise MemoryError(f"simulated out of memory ({FAULT_ENV}={seed})")
+
+        return self.model.model.layers[-1].register_forward_pre_hook(fail)
+
+    def _check_context(self, task: Task, examples: list[Example]) -> None:
+        """Refuse (one line, before any prediction) a prompt the model cannot take: over its context
+        (``max_position_embeddings``), over ``max_prompt_tokens`` for a task that must not be truncated, or
+        without a question to hold out under ``protocol=query_agnostic``."""
+        spec = self.plan.spec
+        context = getattr(self.model.config, "max_position_embeddings", None)
+        if context is not None and spec.max_prompt_tokens > context:
+            raise UserError(
+                f"model '{spec.name}': max_prompt_tokens={spec.max_prompt_tokens} is over its context of {context} "
+                "tokens (max_position_embeddings)"
+            )
+        if self.plan.cfg.protocol == "query_agnostic":  # every question must split off (else an error, now)
+            for example in examples:
+                encode(
+                    example, self.tokenizer, task.chat and spec.chat_template, spec.max_prompt_tokens, "query_agnostic"
+                )
+        if truncates(task):
+            return
+        for example in examples:
+            n = len(self.tokenizer(example.prompt, add_special_tokens=False)["input_ids"])
+            if n > spec.max_prompt_tokens:
+                raise UserError(
+                    f"task '{task.name}', example {example.id}: {n} prompt tokens, over model '{spec.name}''s "
+                    f"max_prompt_tokens={spec.max_prompt_tokens}; this task is not truncated, use shorter lengths"
+                )
+
+    def _evaluate(self, task: Task, key: str) -> dict[str, Any]:
+        cfg, store = self.plan.cfg, self.plan.store
+        repair = store.damaged(key)
         examples = list(task.examples(self.plan.data_dir, self.tokenizer))
         if cfg.limit is not None:
             examples = examples[: int(cfg.limit)]
+        self._check_context(task, examples)
         done = store.predictions(key)
         todo = [example for example in examples if example.id not in done]
         if done:
@@ -207,7 +279,7 @@ class Runner:
                 bar.update(len(batch))
         records = [store.predictions(key)[example.id] for example in examples]
         row = self._row(task, key, records, time.perf_counter() - started)
-        store.add_row(row)
+        store.add_row(row, repair=repair)
         return row
 
     def _run_batch(self, task: Task, examples: list[Example]) -> list[dict[str, Any]]:
@@ -235,8 +307,10 @@ class Runner:
         mass = engine.attention_mass()
         policy_diagnostics = self.plan.policy.diagnostics(engine.cache)
         prompt_tokens = batch.attention_mask.sum(-1).tolist()
+        width = len(examples)
         records = []
         for row, example in enumerate(examples):
+            original = len(self.tokenizer(example.prompt, add_special_tokens=False)["input_ids"])
             raw = self.tokenizer.decode(out.tokens[row], skip_special_tokens=True)
             prediction = task.postprocess(raw)
             share = prompt_tokens[row] / sum(prompt_tokens)
@@ -248,14 +322,21 @@ class Runner:
                     "score": task.score(prediction, example),
                     "meta": self._meta(example, encoded[row], chat),
                     "n_prompt_tokens": prompt_tokens[row],
+                    "n_prompt_tokens_original": original,  # the user message, before middle truncation
+                    "n_prompt_tokens_kept": min(original, 2 * int(spec.max_prompt_tokens / 2))
+                    if original > spec.max_prompt_tokens
+                    else original,
                     "n_new_tokens": len(out.tokens[row]),
                     "kv_kept_fraction": float(kept[row]),
                     "kv_kept_per_head": per_layer[:, row].tolist(),
                     "attention_mass_retained": None if mass is None else float(mass[row]),
-                    "kv_bytes": engine.peak_nbytes,
-                    "kv_payload_bytes": engine.peak_kv_nbytes,
-                    "kv_bytes_decode": engine.peak_decode_nbytes,
-                    "kv_bytes_full": engine.full_nbytes(),
+                    # Per example (the engine counts the whole batch, padding included): batch_size stays
+                    # out of the config hash, so these must not depend on it.
+                    "kv_bytes": engine.peak_nbytes // width,
+                    "kv_payload_bytes": engine.peak_kv_nbytes // width,
+                    "kv_bytes_decode": engine.peak_decode_nbytes // width,
+                    "kv_bytes_full": engine.full_nbytes() // width,
+                    "kv_bytes_batch": engine.peak_nbytes,
                     "prefill_s": out.prefill_s * share,
                     "decode_s": out.decode_s * share,
                     "ttft_s": out.prefill_s,
@@ -301,6 +382,7 @@ class Runner:
         ]
         return {
             "config_hash": key,
+            "status": "ok",
             "model": run.spec.name,
             "policy": run.policy.name,
             "label": run.policy.display_name(run.budget),
@@ -314,6 +396,9 @@ class Runner:
             "data_revision": getattr(task, "data_revision", None),
             "protocol": cfg.protocol,
             "n_examples": len(records),
+            "truncated_share": _mean(
+                [float(r.get("n_prompt_tokens_kept", 0) < r.get("n_prompt_tokens_original", 0)) for r in records]
+            ),
             "score": task.aggregate(scores),
             "score_breakdown": task.breakdown(scores, [record["meta"] for record in records]),
             "kv_kept_fraction": _mean([r["kv_kept_fraction"] for r in records]),
@@ -348,6 +433,41 @@ class Runner:
             "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
         }
 
+    def _failed_row(self, task: Task, key: str, reason: str) -> dict[str, Any]:
+        """What a failed point records: its configuration and the one-line reason (no numbers)."""
+        cfg, run = self.plan.cfg, self.plan
+        return {
+            "config_hash": key,
+            "status": "failed",
+            "reason": reason,
+            "model": run.spec.name,
+            "policy": run.policy.name,
+            "policy_params": run.policy.params(),
+            "budget": run.budget.value if run.budget.kind == "fraction" else None,
+            "budget_tokens": run.budget.value if run.budget.kind == "tokens" else None,
+            "task": task.name,
+            "task_family": task.family,
+            "protocol": cfg.protocol,
+            "seed": int(cfg.seed),
+            "sweep_id": cfg.get("sweep_id"),
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            "git_commit": git_commit(),
+            "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+
+
+def one_line(error: BaseException) -> str:
+    """``Type: first line of the message``, the reason a failed row gives."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+
+
+def free_memory(device: torch.device) -> None:
+    """Collect what a failed point left (cycles included) and give cached CUDA blocks back."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
 
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
@@ -364,14 +484,12 @@ def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> set[int]:
 
 def run(cfg: DictConfig, loaded: tuple[torch.nn.Module, Any] | None = None) -> list[dict[str, Any]]:
     """Validate, load once (or use ``loaded``, a (model, tokenizer) pair), evaluate every task of the
-    configuration; returns the rows written."""
+    configuration; returns its rows (failed ones included: a task that fails at run time gets a
+    ``status="failed"`` row and the other tasks still run)."""
     validated = plan(cfg, check_model=loaded is None)
     pending = [task for task in validated.tasks if not validated.store.has_row(config_hash(cfg, task))]
-    rows = [
-        row
-        for row in validated.store.rows()
-        if row["config_hash"] in {config_hash(cfg, task) for task in validated.tasks}
-    ]
+    finished = {config_hash(cfg, task) for task in validated.tasks} - {config_hash(cfg, task) for task in pending}
+    rows = [row for row in validated.store.rows() if row["config_hash"] in finished]
     if pending:
         runner = Runner(validated, loaded)
         rows += [row for row in (runner.run_task(task) for task in pending) if row is not None]

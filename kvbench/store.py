@@ -3,7 +3,8 @@
 Every write is one whole line, under an exclusive lock (several Slurm jobs may share a results dir), after
 cutting any partial last line left by a killed writer. Readers skip a partial last line. A row is keyed by its
 ``config_hash``; a predictions file by the same hash, keyed by example id, so a rerun resumes and never
-duplicates.
+duplicates. A row with ``status="failed"`` (a point that ran out of memory, ...) records the failure but does
+not count as done: a rerun retries the point, and its finished row then supersedes the failed one.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import contextlib
 import fcntl
 import json
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,12 +33,15 @@ def _locked(path: Path) -> Iterator[None]:
 def append_line(path: Path, record: dict[str, Any], unless_key: str | None = None) -> bool:
     """Append one JSON line atomically (whole line or nothing) and fsync it.
 
-    With ``unless_key``, nothing is written when a line with the same value for that key exists; the check
-    and the write happen under one lock. Returns whether the line was written.
+    With ``unless_key``, nothing is written when a line with the same value for that key exists (lines with
+    ``status="failed"`` do not count); the check and the write happen under one lock. Returns whether the line
+    was written.
     """
     line = (json.dumps(record, ensure_ascii=False, default=str) + "\n").encode()
     with _locked(path):
-        if unless_key and any(old.get(unless_key) == record[unless_key] for old in read_lines(path)):
+        if unless_key and any(
+            old.get(unless_key) == record[unless_key] and not failed(old) for old in read_lines(path)
+        ):
             return False
         with open(path, "ab+") as handle:
             handle.seek(0)
@@ -54,14 +59,19 @@ def read_lines(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     records = []
-    for line in path.read_bytes().split(b"\n"):
+    for number, line in enumerate(path.read_bytes().split(b"\n"), start=1):
         if not line.strip():
             continue
         try:
             records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            print(f"kvbench: warning: {path}:{number}: damaged line skipped", file=sys.stderr)
     return records
+
+
+def failed(row: dict[str, Any]) -> bool:
+    """Whether a row records a failed point (``status="failed"``) rather than a result."""
+    return row.get("status") == "failed"
 
 
 class ResultStore:
@@ -72,14 +82,43 @@ class ResultStore:
         self.rows_path = self.root / "results.jsonl"
 
     def rows(self) -> list[dict[str, Any]]:
-        return read_lines(self.rows_path)
+        """One row per config hash, in order of first appearance: its result, else its latest failure."""
+        latest: dict[str, dict[str, Any]] = {}
+        for row in read_lines(self.rows_path):
+            key = row.get("config_hash")
+            if key not in latest or failed(latest[key]) or not failed(row):  # a repaired row supersedes
+                latest[key] = row
+        return list(latest.values())
 
     def has_row(self, config_hash: str) -> bool:
-        return any(row.get("config_hash") == config_hash for row in self.rows())
+        """Whether the config hash has a finished (not failed) row whose predictions are all on disk."""
+        row = next((r for r in self.rows() if r.get("config_hash") == config_hash and not failed(r)), None)
+        if row is None:
+            return False
+        found = len(self.predictions(config_hash))
+        if found < (row.get("n_examples") or 0):
+            print(
+                f"kvbench: warning: row {config_hash}: {self.predictions_path(config_hash)} holds {found} of "
+                f"{row['n_examples']} examples; rerunning repairs it",
+                file=sys.stderr,
+            )
+            return False
+        return True
 
-    def add_row(self, row: dict[str, Any]) -> bool:
-        """Append ``row`` unless a row with its config hash is already there; returns whether it was added."""
-        return append_line(self.rows_path, row, unless_key="config_hash")
+    def damaged(self, config_hash: str) -> bool:
+        """Whether the config hash has a finished row whose predictions file lacks some of its examples."""
+        return any(r.get("config_hash") == config_hash and not failed(r) for r in self.rows()) and not self.has_row(
+            config_hash
+        )
+
+    def add_failure(self, row: dict[str, Any]) -> None:
+        """Record a failed point (a rerun retries it)."""
+        append_line(self.rows_path, row)
+
+    def add_row(self, row: dict[str, Any], repair: bool = False) -> bool:
+        """Append ``row`` unless a row with its config hash is already there (``repair``: always, superseding
+        a row whose predictions were damaged); returns whether it was added."""
+        return append_line(self.rows_path, row, unless_key=None if repair else "config_hash")
 
     def predictions_path(self, config_hash: str) -> Path:
         return self.root / "predictions" / f"{config_hash}.jsonl"

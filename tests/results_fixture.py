@@ -64,6 +64,8 @@ def _record(rng, index: int, task: str, n_prompt: int, kept: float, ragged: bool
         if task == "passkey"
         else {},
         "n_prompt_tokens": n_prompt,
+        "n_prompt_tokens_original": n_prompt,
+        "n_prompt_tokens_kept": n_prompt,
         "n_new_tokens": 8,
         "kv_kept_fraction": float(heads.mean()),
         "kv_kept_per_head": heads.tolist(),
@@ -72,6 +74,7 @@ def _record(rng, index: int, task: str, n_prompt: int, kept: float, ragged: bool
         "kv_payload_bytes": int(FULL_BYTES * kept),
         "kv_bytes_decode": int(FULL_BYTES * kept) + 1000,
         "kv_bytes_full": FULL_BYTES,
+        "kv_bytes_batch": int(FULL_BYTES * kept) + 1000,
         "prefill_s": n_prompt / 20_000,
         "decode_s": 8 / (150 + 50 * (1 - kept)),
         "ttft_s": n_prompt / 20_000,
@@ -89,6 +92,7 @@ def row(config_hash: str, policy: str, params: dict[str, Any], task: str, record
     prefill_s, decode_s = sum(r["prefill_s"] for r in records), sum(r["decode_s"] for r in records)
     values = {
         "config_hash": config_hash,
+        "status": "ok",
         "model": MODEL,
         "policy": policy,
         "label": display_name(
@@ -104,6 +108,7 @@ def row(config_hash: str, policy: str, params: dict[str, Any], task: str, record
         "data_revision": None,
         "protocol": "official",
         "n_examples": len(records),
+        "truncated_share": 0.0,
         "score": 100 * sum(scores) / len(scores),
         "score_breakdown": {},
         "kv_kept_fraction": sum(r["kv_kept_fraction"] for r in records) / len(records),

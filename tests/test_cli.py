@@ -33,6 +33,17 @@ BAD_INPUTS = [
     (["model.gguf_package=not_installed_pkg"], "needs the package 'not_installed_pkg'"),
     (["attention=eager"], "unknown attention 'eager'; valid: sdpa, flash_attention_2"),
     (["attention=flash_attention_2"], "attention=flash_attention_2 needs the flash-attn package"),
+    (["batch_size=0"], "batch_size must be at least 1, got 0"),
+    (["batch_size=-1"], "batch_size must be at least 1, got -1"),
+    (["chunk_size=0"], "chunk_size must be at least 1, got 0"),
+    (["limit=abc"], "limit must be an integer or null, got 'abc'"),
+    (["+policy=h2o", "budget_tokens=abc"], "budget_tokens must be an integer or null, got 'abc'"),
+    (["+policy=h2o", "budget_tokens=2.7"], "budget_tokens must be an integer or null, got 2.7"),
+    (["+policy=h2o", "budget=true"], "budget must be a number or null, got True"),
+    (["+policy=snapkv", "budget=0.3", "policy.window=abc"], "policy.window must be an integer, got 'abc'"),
+    (["+policy=snapkv", "budget=0.3", "policy.pooling=foo"], "unknown policy.pooling 'foo'; valid: max, avg"),
+    (["task=passkey", "task.lengths=[20000]"], "task 'passkey' would be truncated: length 20000 is over model"),
+    (["protocol=both"], "unknown protocol 'both'; valid: official, query_agnostic"),
 ]
 
 
@@ -45,8 +56,7 @@ def test_bad_input_one_line_and_nothing_written(args, message, tmp_path, data_di
     assert len(lines) == 1, done.stderr
     assert lines[0].startswith("kvbench: error: ") and message in lines[0]
     assert "Traceback" not in done.stderr + done.stdout
-    assert not (results / "results.jsonl").exists()
-    assert not (results / "predictions").exists()
+    assert not results.exists()  # nothing at all: no rows, no predictions, no .hydra/
 
 
 def test_unknown_policy_lists_valid_names(tmp_path, data_dir):

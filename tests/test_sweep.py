@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from kvbench.runner import FAULT_ENV
 from kvbench.store import ResultStore, read_lines
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,19 +74,30 @@ def test_killed_sweep_reruns_to_every_row_once(tmp_path, data_dir):
 
 
 def test_packed_local_sweep_runs_points_in_one_job_and_isolates_failures(tmp_path, data_dir):
-    # Three points in one process; the middle one is bad input (limit=0) and fails alone.
-    args = ["hydra/launcher=local", "hydra.launcher.pack=3", *TINY, "limit=1,0,2"]
-    done = sweep(*args, results=tmp_path, data_dir=data_dir)
+    # Three points in one process; the middle one runs out of memory (simulated) and fails alone.
+    args = ["hydra/launcher=local", "hydra.launcher.pack=3", *TINY, "seed=0,1,2", "limit=1"]
+    cmd = sweep_command(*args, results=tmp_path, data_dir=data_dir)
+    env = {**os.environ, FAULT_ENV: "1"}
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     logs = submitit_logs(tmp_path)
     assert done.returncode != 0, done.stderr[-4000:]
-    assert "grid point #1 exited with status 2" in done.stderr, done.stderr[-4000:]
     jobs = [path for path in tmp_path.glob(".hydra/*/.submitit/*") if path.name != "%j"]
     assert len(jobs) == 1, logs
-    assert "kvbench: error: limit must be a positive number" in logs and "grid point #1 (" in logs, logs
+    assert "MemoryError: simulated out of memory" in logs and "grid point #1 (" in logs, logs
     rows = ResultStore(tmp_path).rows()
-    assert sorted(row["n_examples"] for row in rows) == [1, 2], logs
+    assert sorted((row["seed"], row["status"]) for row in rows) == [(0, "ok"), (1, "failed"), (2, "ok")], logs
     assert len({row["sweep_id"] for row in rows}) == 1 and rows[0]["sweep_id"].startswith("multirun_")
     assert all(row["slurm_job_id"] is None for row in rows)
+
+
+def test_sweep_with_a_bad_point_is_refused_up_front(tmp_path, data_dir):
+    # Validation happens for every point before the sweep starts: nothing runs, nothing is written.
+    done = sweep("model=tiny_random_llama", "+policy=h2o", "budget=0.3,1.5,0.5", results=tmp_path, data_dir=data_dir)
+    assert done.returncode == 2
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("kvbench: error: grid point #1 (") and "budget=1.5" in lines[0]
+    assert "budget must be a fraction in (0, 1], got 1.5" in lines[0]
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
 
 
 def test_submitit_local_launcher(tmp_path, data_dir):

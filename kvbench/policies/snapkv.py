@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +26,7 @@ class SnapKVPolicy(ScorerPolicy):
 
     window: int = 32
     kernel: int = 7
-    pooling: str = "max"
+    pooling: Literal["max", "avg"] = "max"
     phase = "prefill"
 
     @property
