@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import json
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,8 +63,29 @@ def _gguf_path(spec: ModelSpec) -> Path:
 def converted_dir(spec: ModelSpec) -> Path:
     """Directory of the dequantized safetensors copy of a GGUF model, converting it on first use."""
     target = cache_root() / spec.name
-    if (target / "model.safetensors").is_file() and (target / "tokenizer_config.json").is_file():
+    if _converted(target):
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # One converter at a time (concurrent first runs wait, then find it done); the copy is written into a
+    # fresh temporary folder beside the target and renamed into place, so no reader sees a partial one.
+    with open(target.with_name(target.name + ".convert.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not _converted(target):
+            partial = Path(tempfile.mkdtemp(dir=target.parent, prefix=target.name + ".partial-"))
+            try:
+                _convert(spec, partial)
+                partial.rename(target)
+            finally:
+                shutil.rmtree(partial, ignore_errors=True)
+    return target
+
+
+def _converted(target: Path) -> bool:
+    return (target / "model.safetensors").is_file() and (target / "tokenizer_config.json").is_file()
+
+
+def _convert(spec: ModelSpec, out: Path) -> None:
+    """Dequantize the GGUF model of ``spec`` to fp32 safetensors (and its tokenizer) in ``out``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = _gguf_path(spec)
@@ -70,11 +94,8 @@ def converted_dir(spec: ModelSpec) -> Path:
     # A GGUF-loaded model refuses save_pretrained until its quantization config is dropped; the
     # weights are already dequantized to fp32 at this point.
     model.hf_quantizer.remove_quantization_config(model)
-    partial = target.with_name(target.name + ".partial")
-    model.save_pretrained(partial)
-    tokenizer.save_pretrained(partial)
-    partial.rename(target)
-    return target
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
 
 
 def check_available(spec: ModelSpec) -> None:

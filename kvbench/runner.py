@@ -201,9 +201,17 @@ class Runner:
         """Evaluate one task, resuming from predictions on disk; returns its row (None if already done)."""
         cfg, store = self.plan.cfg, self.plan.store
         key = config_hash(cfg, task)
-        if store.has_row(key):
-            print(f"[kvbench] {task.name}: row {key} already in {store.rows_path}, skipped")
-            return None
+        with store.claim(key) as claimed:
+            if not claimed:
+                print(f"[kvbench] {task.name}: row {key} is being computed by another process, skipped")
+                return None
+            if store.has_row(key):  # finished by another process while this one waited to start
+                print(f"[kvbench] {task.name}: row {key} already in {store.rows_path}, skipped")
+                return None
+            return self._run_claimed(task, key)
+
+    def _run_claimed(self, task: Task, key: str) -> dict[str, Any]:
+        store = self.plan.store
         hook = self._fault_hook()
         try:
             return self._evaluate(task, key)

@@ -120,6 +120,33 @@ class ResultStore:
         a row whose predictions were damaged); returns whether it was added."""
         return append_line(self.rows_path, row, unless_key=None if repair else "config_hash")
 
+    @contextlib.contextmanager
+    def claim(self, config_hash: str) -> Iterator[bool]:
+        """Exclusive claim on computing ``config_hash``: ``predictions/<hash>.claim.lock``, held with ``flock``
+        for the whole computation. Yields False when another live process holds it. The OS releases the lock
+        of a killed process, so a file left behind is stale: it is taken over, and the dead pid is named."""
+        path = self.predictions_path(config_hash).with_suffix(".claim.lock")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                handle.seek(0)
+                previous = handle.read().strip()
+                if previous:
+                    print(f"[kvbench] {path}: stale claim of pid {previous} (not running), taken over")
+                handle.seek(0)
+                handle.truncate()
+                handle.write(str(os.getpid()))
+                handle.flush()
+                yield True
+            finally:
+                handle.truncate(0)
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
     def predictions_path(self, config_hash: str) -> Path:
         return self.root / "predictions" / f"{config_hash}.jsonl"
 

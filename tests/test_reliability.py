@@ -111,3 +111,65 @@ def test_damaged_predictions_of_a_finished_row_are_reported_and_repaired(tmp_pat
     (repaired,) = ResultStore(tmp_path).rows()
     assert repaired["n_examples"] == 2 and len(ResultStore(tmp_path).predictions(row["config_hash"])) == 2
     assert repaired["timestamp"] >= row["timestamp"] and ResultStore(tmp_path).has_row(row["config_hash"])
+
+
+def test_a_config_claimed_by_another_process_is_skipped_and_a_stale_claim_is_taken_over(make_config, capsys):
+    cfg = make_config(*TINY)
+    store = ResultStore(cfg.results_dir)
+    key = runner.config_hash(cfg, runner.plan(cfg).tasks[0])
+    claim = store.predictions_path(key).with_suffix(".claim.lock")
+    claim.parent.mkdir(parents=True)
+    holder = subprocess.Popen(  # another process computing the same config: it holds the claim
+        [sys.executable, "-c", HOLD_CLAIM, str(claim)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert runner.run(cfg) == []
+        assert "being computed by another process, skipped" in capsys.readouterr().out
+        assert not store.predictions_path(key).exists() and not store.rows_path.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    (row,) = runner.run(cfg)  # the killed holder left its pid in the file: a stale claim, taken over
+    assert row["status"] == "ok" and f"stale claim of pid {holder.pid}" in capsys.readouterr().out
+    assert len(store.predictions(key)) == 1 and len(store.rows()) == 1
+
+
+HOLD_CLAIM = """
+import fcntl, os, sys, time
+handle = open(sys.argv[1], "a+")
+fcntl.flock(handle, fcntl.LOCK_EX)
+handle.write(str(os.getpid())); handle.flush()
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def test_concurrent_first_runs_convert_the_model_once_and_leave_no_temporary_files(tmp_path):
+    convert = "from kvbench.config import model_spec; from kvbench.models import converted_dir; "
+    convert += "print(converted_dir(model_spec('smollm2_135m')))"
+    env = {**os.environ, "KVBENCH_CACHE": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    runs = [subprocess.Popen([sys.executable, "-c", convert], env=env, cwd=REPO, stdout=subprocess.PIPE) for _ in "ab"]
+    outputs = [run.communicate(timeout=600)[0] for run in runs]
+    assert [run.returncode for run in runs] == [0, 0]
+    assert {out.strip() for out in outputs} == {str(tmp_path / "smollm2_135m").encode()}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["smollm2_135m", "smollm2_135m.convert.lock"]
+    assert (tmp_path / "smollm2_135m" / "model.safetensors").stat().st_size > 500e6
+
+
+@pytest.mark.parametrize("damage", ["cut", "empty"])
+def test_a_damaged_longbench_file_is_one_line_naming_it_before_the_model_loads(damage, tmp_path, data_dir):
+    local = tmp_path / "data" / "longbench"
+    local.mkdir(parents=True)
+    for name in ("dataset2prompt.json", "dataset2maxlen.json"):
+        (local / name).write_bytes((data_dir / "longbench" / name).read_bytes())
+    original = (data_dir / "longbench" / "multi_news.jsonl").read_bytes()
+    (local / "multi_news.jsonl").write_bytes(original[:5000] if damage == "cut" else b"")
+    out = kvbench("model=tiny_random_llama", "task=longbench/multi_news", f"results_dir={tmp_path / 'r'}",
+                  data_dir=tmp_path / "data")  # fmt: skip
+    assert out.returncode == 2 and "Loading weights" not in out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "multi_news.jsonl" in lines[0], out.stderr
+    assert not (tmp_path / "r").exists()

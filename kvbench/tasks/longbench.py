@@ -141,6 +141,7 @@ class LongBenchTask(Task):
         self.__dict__.pop("_zip", None)
         if self.source != "hub" and path.is_file():
             self._zip: Path | None = None
+            self._records(data_dir)  # a damaged file is one line now, before any model loads
             return
         if self.source == "local":
             raise UserError(f"task '{self.name}' needs {path} (source=local; source=auto also tries the hub)")
@@ -156,16 +157,32 @@ class LongBenchTask(Task):
                 f"({type(error).__name__}); pin another task.revision or put the file at {path}"
             ) from error
         self._zip = archive
+        self._records(data_dir)
 
     def _records(self, data_dir: Path) -> list[dict[str, Any]]:
         if not hasattr(self, "_zip"):
             self.check_data(data_dir)
         if self._zip is None:
+            source = str(self.data_path(data_dir))
             lines = self.data_path(data_dir).read_bytes().splitlines()
         else:
+            source = f"{self._zip}:{self.member}"
             with zipfile.ZipFile(self._zip) as members:
                 lines = members.read(self.member).splitlines()
-        return [json.loads(line) for line in lines if line.strip()]
+        records = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise UserError(
+                    f"task '{self.name}': {source}:{number} is not a JSON record ({error.msg}; a cut or damaged "
+                    "file?); restore it, e.g. with `kvbench download longbench`"
+                ) from error
+        if not records:
+            raise UserError(f"task '{self.name}': {source} holds no records; restore it (`kvbench download longbench`)")
+        return records
 
     def examples(self, data_dir: Path, tokenizer: Any) -> Iterator[Example]:
         """The records in file order, each as its official prompt (``template.format(**record)``)."""
