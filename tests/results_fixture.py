@@ -129,6 +129,7 @@ def row(config_hash: str, policy: str, params: dict[str, Any], task: str, record
         "device": "cpu",
         "dtype": "float32",
         "attention": "sdpa",
+        "diagnostics": False,
         "batch_size": 1,
         "limit": len(records),
         "seed": 0,

@@ -84,7 +84,7 @@ def test_longbench_truncation_is_recorded_per_example_and_in_the_row(make_config
 
 
 def test_query_agnostic_without_the_question_in_the_prompt_is_an_error(tiny, data_dir):
-    (example,) = list(PasskeyTask(lengths=[256], depths=[0.5]).examples(data_dir, tiny[1]))
+    (example,) = list(PasskeyTask(lengths=[256], depths=[0.5], n_per_cell=1).examples(data_dir, tiny[1]))
     example.question = "a question that is not in the prompt"
     with pytest.raises(UserError, match=f"question of example {example.id} is not in its prompt"):
         encode(example, tiny[1], True, 2000, "query_agnostic")
