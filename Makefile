@@ -5,6 +5,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= results/runs/demo
+# The demo runs a 3-depth x 1-key passkey grid (6 examples); the task default is 11 x 3 (66).
+DEMO_GRID ?= task.depths=[0.25,0.5,0.75] task.n_per_cell=1
 
 .PHONY: help install demo test lint figures less-kernels slurm-up slurm-down
 
@@ -26,8 +28,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: install
-	$(PY) -m kvbench results_dir=$(DEMO_DIR) hydra.verbose=false
-	$(PY) -m kvbench -m +policy=streaming_llm,snapkv budget=0.3 results_dir=$(DEMO_DIR)
+	$(PY) -m kvbench $(DEMO_GRID) results_dir=$(DEMO_DIR) hydra.verbose=false
+	$(PY) -m kvbench -m +policy=streaming_llm,snapkv budget=0.3 $(DEMO_GRID) results_dir=$(DEMO_DIR)
 	$(PY) -m kvbench.report $(DEMO_DIR)
 
 lint: install
