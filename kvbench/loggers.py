@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import os
 import random
-import re
 from pathlib import Path
 from typing import Any
+
+from kvbench.analysis.names import safe
 
 
 class NoLogger:
@@ -165,11 +166,6 @@ def _predictions(results_dir: Path, rows: list[dict[str, Any]]) -> list[list[Any
 def _figures(results_dir: Path, rows: list[dict[str, Any]]) -> list[Path]:
     """PNGs that ``python -m kvbench.plots`` drew for this run's model (``<figure>__<model>[__<setting>].png``)."""
     folder = results_dir / "figures"
-    models = {
-        re.sub(  # the file-name form of kvbench.plots.safe (not imported: it pulls in matplotlib)
-            r"[^A-Za-z0-9.-]+", "_", str(row["model"])
-        ).strip("_")
-        for row in rows
-    }
+    models = {safe(row["model"]) for row in rows}
     pngs = sorted(folder.glob("*.png")) if folder.is_dir() else []
     return [path for path in pngs if len(path.stem.split("__")) > 1 and path.stem.split("__")[1] in models]

@@ -7,7 +7,7 @@ Usage: python scripts/fig_corm_compression_vs_length.py [RESULTS_DIR] [--out DIR
 
 import sys
 
-from kvbench.plots import script
+from kvbench.analysis.cli import script
 
 if __name__ == "__main__":
     sys.exit(script("fig_corm_compression_vs_length"))

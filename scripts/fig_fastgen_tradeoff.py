@@ -6,7 +6,7 @@ Usage: python scripts/fig_fastgen_tradeoff.py [RESULTS_DIR] [--out DIR] (default
 
 import sys
 
-from kvbench.plots import script
+from kvbench.analysis.cli import script
 
 if __name__ == "__main__":
     sys.exit(script("fig_fastgen_tradeoff"))

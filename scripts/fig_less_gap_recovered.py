@@ -6,7 +6,7 @@ Usage: python scripts/fig_less_gap_recovered.py [RESULTS_DIR] [--out DIR] (defau
 
 import sys
 
-from kvbench.plots import script
+from kvbench.analysis.cli import script
 
 if __name__ == "__main__":
     sys.exit(script("fig_less_gap_recovered"))

@@ -6,7 +6,7 @@ Usage: python scripts/fig_needle_heatmap.py [RESULTS_DIR] [--out DIR] (defaults:
 
 import sys
 
-from kvbench.plots import script
+from kvbench.analysis.cli import script
 
 if __name__ == "__main__":
     sys.exit(script("fig_needle_heatmap"))

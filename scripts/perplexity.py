@@ -30,6 +30,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from kvbench.analysis.names import policy_label
 from kvbench.attention import Engine
 from kvbench.batching import collate
 from kvbench.config import CONFIG_DIR, model_spec
@@ -37,7 +38,6 @@ from kvbench.generate import teacher_forced_nll
 from kvbench.models import load
 from kvbench.policies.base import Budget
 from kvbench.policies.full import FullCache
-from kvbench.results import policy_label
 from kvbench.runner import git_commit, versions
 
 

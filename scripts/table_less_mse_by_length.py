@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from kvbench.results import markdown
+from kvbench.analysis.tables import markdown
 
 sys.path.insert(0, str(Path(__file__).parent))
 import train_less  # noqa: E402

@@ -6,7 +6,7 @@ Usage: python scripts/table_snapkv_longbench.py [RESULTS_DIR] [--out DIR] (defau
 
 import sys
 
-from kvbench.plots import script
+from kvbench.analysis.cli import script
 
 if __name__ == "__main__":
     sys.exit(script("table_snapkv_longbench"))

@@ -1,4 +1,4 @@
-"""``kvbench.results``: loading (recursive, de-duplicated), labels, summaries with bootstrap CIs, tables."""
+"""``kvbench.analysis`` load, summaries and tables: loading (recursive, de-duplicated), labels, bootstrap CIs."""
 
 from __future__ import annotations
 
@@ -10,7 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kvbench import results
+from kvbench.analysis import cli
+from kvbench.analysis.load import MACRO, bootstrap_ci, example_scores, load, summary
+from kvbench.analysis.names import policy_label
+from kvbench.analysis.tables import notes, score_table, write_summaries
 from kvbench.store import append_line, read_lines
 from tests.results_fixture import MODEL, SETTINGS, TASKS, _record, row, write_results
 
@@ -24,12 +27,12 @@ def fixture_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def df(fixture_dir) -> pd.DataFrame:
-    return results.load(fixture_dir)
+    return load(fixture_dir)
 
 
 @pytest.fixture(scope="module")
 def lines(df) -> pd.DataFrame:
-    return results.summary(df)
+    return summary(df)
 
 
 def _dict_keys(function: str, path: Path = REPO / "kvbench" / "runner.py") -> set[str]:
@@ -61,7 +64,7 @@ def test_load_newer_row_in_a_nested_dir_wins(tmp_path):
     first = read_lines(root / "results.jsonl")[0]
     newer = {**first, "score": 12.5, "timestamp": "2027-01-01T00:00:00+00:00"}
     append_line(root / "sub" / "results.jsonl", newer)
-    kept = results.load(root).set_index("config_hash").loc[first["config_hash"]]
+    kept = load(root).set_index("config_hash").loc[first["config_hash"]]
     assert kept["score"] == 12.5
     assert kept["results_dir"] == str(root / "sub")
 
@@ -94,7 +97,7 @@ def test_extensions_and_approximations_carry_their_mark_in_rows_and_tables(tmp_p
     legacy.pop("label")  # rows committed before the label column: the mark is rebuilt from policy and params
     for line in (capped, native, legacy):
         append_line(tmp_path / "results.jsonl", line)
-    df = results.load(tmp_path).set_index("config_hash")
+    df = load(tmp_path).set_index("config_hash")
     assert df.loc["c1", "display_name"] == "corm (capped, kvbench)"
     assert df.loc["c1", "setting"] == "corm (capped, kvbench) (w=256,r=256)"
     assert df.loc["c2", "setting"] == "corm(w=256,r=256)"
@@ -102,8 +105,8 @@ def test_extensions_and_approximations_carry_their_mark_in_rows_and_tables(tmp_p
 
 
 def test_policy_label_formats_nested_params():
-    assert results.policy_label("full", {}) == "full"
-    label = results.policy_label("adakv", {"alpha": 0.20, "inner": {"name": "snapkv", "window": 32}, "ks": [1, 2]})
+    assert policy_label("full", {}) == "full"
+    label = policy_label("adakv", {"alpha": 0.20, "inner": {"name": "snapkv", "window": 32}, "ks": [1, 2]})
     assert label == "adakv(alpha=0.2,inner={name=snapkv,window=32},ks=[1,2])"
 
 
@@ -114,7 +117,7 @@ def test_variant_goes_into_the_setting(tmp_path):
     record.update(kv_payload_bytes=1, kv_bytes_decode=1, prefill_peak_bytes=1, decode_peak_bytes=1)
     line = row("h", "snapkv", {"window": 8}, "passkey", [record], budget=0.5, protocol="query_agnostic")
     append_line(root / "results.jsonl", line)
-    assert results.load(root)["setting"].tolist() == ["snapkv(window=8) [protocol=query_agnostic]"]
+    assert load(root)["setting"].tolist() == ["snapkv(window=8) [protocol=query_agnostic]"]
 
 
 def test_summary_scores_and_bootstrap(df, lines):
@@ -126,25 +129,28 @@ def test_summary_scores_and_bootstrap(df, lines):
     assert point["score"] == pytest.approx(source["score"])
     assert point["ci_low"] <= point["score"] <= point["ci_high"]
     # The CI is the 2.5/97.5 percentile of 1000 resampled means x 100, seed 0.
-    scores = results.example_scores(source)
+    scores = example_scores(source)
     assert scores.size == source["n_examples"]
     draws = scores[np.random.default_rng(0).integers(0, scores.size, size=(1000, scores.size))].mean(axis=1)
     expected = np.percentile(100 * draws, [2.5, 97.5])
     assert (point["ci_low"], point["ci_high"]) == pytest.approx(tuple(expected))
 
 
-def test_summary_ci_matches_the_longbench_metric_module(df):
-    from kvbench.metrics import longbench
-
-    scores = results.example_scores(df.iloc[0])
-    assert results.bootstrap_ci(scores) == pytest.approx(longbench.bootstrap_ci(list(scores)))
+def test_bootstrap_ci_is_seeded_and_brackets_the_mean():
+    scores = np.asarray([1.0] * 30 + [0.0] * 70)
+    lo, hi = bootstrap_ci(scores)
+    assert (lo, hi) == bootstrap_ci(scores, seed=0)
+    assert lo < 30.0 < hi
+    assert 18.0 < lo and hi < 42.0  # about 30 +/- 1.96 * 100 * sqrt(0.3 * 0.7 / 100) = 30 +/- 9
+    assert bootstrap_ci(np.ones(5)) == (100.0, 100.0)
+    assert all(math.isnan(v) for v in bootstrap_ci(np.asarray([])))
 
 
 def test_summary_macro_average(lines):
-    macro = lines[lines["task"] == results.MACRO]
+    macro = lines[lines["task"] == MACRO]
     # Every (setting, budget) point has all four tasks, so each gets a macro line.
     assert len(macro) == len(SETTINGS)
-    per_task = lines[(lines["task"] != results.MACRO) & (lines["policy"] == "h2o") & (lines["budget_x"] == 0.1)]
+    per_task = lines[(lines["task"] != MACRO) & (lines["policy"] == "h2o") & (lines["budget_x"] == 0.1)]
     line = macro[(macro["policy"] == "h2o") & (macro["budget_x"] == 0.1)].iloc[0]
     assert line["score"] == pytest.approx(per_task["score"].mean())
     assert line["ci_low"] <= line["score"] <= line["ci_high"]
@@ -155,22 +161,22 @@ def test_summary_without_predictions_has_no_ci(tmp_path):
     root = write_results(tmp_path / "r", n_examples=3)
     for path in (root / "predictions").glob("*.jsonl"):
         path.unlink()
-    lines = results.summary(results.load(root))
+    lines = summary(load(root))
     assert lines["score"].notna().all()
     assert lines["ci_low"].isna().all()
 
 
 def test_empty_dir(tmp_path, capsys):
-    df = results.load(tmp_path / "missing")
+    df = load(tmp_path / "missing")
     assert df.empty and "policy_label" in df.columns
-    assert results.summary(df).empty
-    assert results.write_summaries(tmp_path) == []
-    assert results.main([str(tmp_path)]) == 0
+    assert summary(df).empty
+    assert write_summaries(tmp_path) == []
+    assert cli.summary_main([str(tmp_path)]) == 0
     assert "no results yet" in capsys.readouterr().out
 
 
 def test_write_summaries(fixture_dir, tmp_path, capsys):
-    assert results.main([str(fixture_dir), "--out", str(tmp_path / "s")]) == 0
+    assert cli.summary_main([str(fixture_dir), "--out", str(tmp_path / "s")]) == 0
     names = sorted(p.name for p in (tmp_path / "s").iterdir())
     assert names == ["efficiency.csv", "efficiency.md", "scores.csv", "scores.md"]
     scores_md = (tmp_path / "s" / "scores.md").read_text()
@@ -185,6 +191,6 @@ def test_write_summaries(fixture_dir, tmp_path, capsys):
 
 
 def test_fastgen_rows_carry_the_punctuation_note(lines):
-    table = results.score_table(lines[lines["model"] == MODEL])
-    assert "punctuation" in results.notes(table)
-    assert results.notes(table[[c for c in table.columns if "fastgen" not in c]]) == ""
+    table = score_table(lines[lines["model"] == MODEL])
+    assert "punctuation" in notes(table)
+    assert notes(table[[c for c in table.columns if "fastgen" not in c]]) == ""

@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from matplotlib.figure import Figure
 from omegaconf import OmegaConf
 
-from kvbench import plots
+from kvbench.analysis.figures import save
 from kvbench.config import CONFIG_DIR
 from kvbench.loggers import MAX_PREDICTIONS, WandbLogger, flatten, row_metrics, run_summary
 from kvbench.store import read_lines
@@ -60,9 +60,7 @@ def test_offline_run_holds_scores_config_and_predictions(offline, tmp_path):
     root = write_results(tmp_path / "results", n_examples=15)  # 4 tasks x 15 = 60 predictions, more than 50
     figure = Figure(figsize=(2, 2))
     figure.subplots().plot([0, 1], [1, 0])
-    plots.save(
-        {f"score_vs_budget__{MODEL}": figure, "score_vs_budget__other_model": figure}, root / "figures", ("png",)
-    )
+    save({f"score_vs_budget__{MODEL}": figure, "score_vs_budget__other_model": figure}, root / "figures", ("png",))
     rows = [row for row in read_lines(root / "results.jsonl") if row["policy"] == "snapkv" and row["budget"] == 0.3]
     assert [row["task"] for row in rows] == list(TASKS)
     cfg = OmegaConf.create({"results_dir": str(root), "model": {"name": MODEL}, "budget": 0.3, "sweep_id": "s1"})

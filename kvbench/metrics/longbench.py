@@ -14,8 +14,6 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 
-import numpy as np
-
 # The official Chinese punctuation set (normalize_zh_answer), ASCII punctuation added on top. It has "》" but not "《".
 _ZH_PUNCTUATION = frozenset(
     string.punctuation
@@ -226,14 +224,3 @@ def category_means(task_scores: dict[str, float]) -> dict[str, float]:
     for task, value in task_scores.items():
         grouped.setdefault(CATEGORIES[task.rsplit("/", 1)[-1]], []).append(value)
     return {category: macro_average(values) for category, values in grouped.items()}
-
-
-def bootstrap_ci(scores: Sequence[float], n: int = 1000, seed: int = 0) -> tuple[float, float]:
-    """95% percentile-bootstrap interval of the task score (100 x mean), from ``n`` resamples of the examples."""
-    values = np.asarray(scores, dtype=float)
-    if values.size == 0:
-        return math.nan, math.nan
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, values.size, size=(n, values.size))].mean(axis=1)
-    lo, hi = np.percentile(100 * means, [2.5, 97.5])
-    return float(lo), float(hi)
