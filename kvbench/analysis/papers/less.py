@@ -59,7 +59,8 @@ def _paired(df: pd.DataFrame, *lines: pd.Series) -> list[float] | None:
     """100 x the mean score of each line over the examples they all have (None when they share none)."""
     scores = [_example_scores(df, line) for line in lines]
     shared = set.intersection(*(set(s) for s in scores))
-    return [100 * float(np.mean([s[i] for i in shared])) for s in scores] if shared else None
+    ordered = sorted(shared)  # a fixed summation order: a set's order changes with PYTHONHASHSEED
+    return [100 * float(np.mean([s[i] for i in ordered])) for s in scores] if shared else None
 
 
 def less_gap_table(lines: pd.DataFrame, df: pd.DataFrame | None = None) -> pd.DataFrame:
