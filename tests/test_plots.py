@@ -196,6 +196,26 @@ def test_less_gap_table_does_not_depend_on_the_hash_seed(tmp_path):
     assert len(tables) == 1
 
 
+def test_paper_tables_show_no_paths_in_settings(tmp_path):
+    """A LESS row whose ``kernels`` parameter is a local folder: the LESS-gap and scores-by-length tables name
+    it by its last part only (before, ``/home/someone/...`` went into the committed tables)."""
+    root = write_results(tmp_path / "r", n_examples=4)
+    rows = read_lines(root / "results.jsonl")
+    (root / "results.jsonl").unlink()
+    for row in rows:
+        if row["policy"] == "less":
+            row["policy_params"] = {**row["policy_params"], "kernels": "/home/someone/.cache/kvbench/less/h2o_0.1"}
+        append_line(root / "results.jsonl", row)
+    df = load(root)
+    assert any("/home/someone" in setting for setting in df["setting"])  # the rows keep the full parameter
+    gap = less_gap_table(summary(df), df)
+    (by_length,) = scores_by_length(df).values()
+    settings = [*gap["less"], *gap["base"], *by_length.index]
+    assert not [setting for setting in settings if "/" in setting]
+    assert any("kernels=h2o_0.1" in setting for setting in gap["less"])
+    assert any("kernels=h2o_0.1" in setting for setting in by_length.index)
+
+
 def test_less_gap_is_undefined_when_the_base_is_not_below_full(fixture_dir):
     """A base that scores at or above the full cache leaves no gap: NaN, not a huge or negative percentage."""
     lines = summary(load(fixture_dir))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import PurePath
 from typing import Any
 
@@ -32,14 +33,26 @@ def value_text(value: Any) -> str:
     return format_value(value)
 
 
-def policy_label(policy: str, params: dict[str, Any] | None, display: str | None = None) -> str:
+def policy_label(
+    policy: str, params: dict[str, Any] | None, display: str | None = None, short_paths: bool = False
+) -> str:
     """``snapkv(window=32,kernel=7)``: the policy's display name (default: its name) and its parameters in
-    field order; a marked display name is set apart, ``corm (capped, kvbench) (w=256,r=256)``."""
+    field order; a marked display name is set apart, ``corm (capped, kvbench) (w=256,r=256)``. With
+    ``short_paths``, a path-valued parameter shows only its last part (``value_text``)."""
     name = display or policy
     if not params:
         return name
-    values = ",".join(f"{k}={format_value(v)}" for k, v in params.items())
+    text = value_text if short_paths else format_value
+    values = ",".join(f"{k}={text(v)}" for k, v in params.items())
     return f"{name} ({values})" if name != policy else f"{name}({values})"
+
+
+def table_setting(line: Mapping[str, Any]) -> str:
+    """A row's or summary line's ``setting`` as the paper tables show it: path-valued parameters cut to their
+    last part, so no machine's folders reach a committed table (``kernels=smollm2_135m_h2o_0.1``)."""
+    params = line["policy_params"] if isinstance(line["policy_params"], dict) else None
+    label = policy_label(line["policy"], params, line["display_name"], short_paths=True)
+    return f"{label} [{line['variant']}]" if line["variant"] else label
 
 
 def point_label(setting: str, budget_label: str) -> str:
