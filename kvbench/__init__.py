@@ -5,7 +5,9 @@
 ``from kvbench.engine.generate import generate``.
 """
 
-__version__ = "0.1.0"
+from kvbench.version import __version__
+
+__all__ = ["__version__"]
 
 
 def __getattr__(name: str):

@@ -26,7 +26,6 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-import kvbench
 from kvbench import models, policies
 from kvbench.batching import collate, encode, length_grouped, needle_span
 from kvbench.config import check_fields, check_settings
@@ -38,6 +37,7 @@ from kvbench.measure import peak_kind
 from kvbench.policies.base import Budget, Policy
 from kvbench.store import ResultStore
 from kvbench.tasks.base import Example, Task
+from kvbench.version import __version__
 
 FAULT_ENV = "KVBENCH_TEST_FAULT_SEED"  # test only: see Runner._fault_hook
 # Keys that do not change what a run computes; they stay out of the configuration hash.
@@ -135,13 +135,13 @@ def versions() -> dict[str, str]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "kvbench": kvbench.__version__,
+        "kvbench": __version__,
     }
 
 
 def git_commit() -> str:
     """HEAD of the kvbench checkout, with ``-dirty`` when tracked files have uncommitted changes."""
-    root = Path(kvbench.__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
         dirty = subprocess.run(["git", "status", "--porcelain", "-uno"], cwd=root, capture_output=True, text=True)
@@ -365,8 +365,8 @@ class Runner:
         if span is None:
             return meta
         compressed = len(parts[0])
-        capacity = self.plan.budget.capacity(torch.tensor([compressed]))
-        windows = self.plan.policy.protected_windows(compressed, None if capacity is None else int(capacity[0]))
+        capacity = self.plan.budget.capacity_host([compressed])  # the compressed prompt holds no held-out token
+        windows = self.plan.policy.protected_windows(compressed, None if capacity is None else capacity[0])
         inside = sum(max(0, min(end, span[1]) - max(start, span[0])) for start, end in windows)
         meta.update(
             needle_span=list(span),

@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from kvbench.bench import host_syncs_per_step, time_hf_generate, time_kvbench
-from kvbench.config import model_spec, options
-from kvbench.models import load
+from kvbench.config import options
+from kvbench.models import load, model_spec
 from kvbench.policies import build
 from kvbench.policies.base import Budget
 from kvbench.runner import git_commit, versions

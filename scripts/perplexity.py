@@ -30,10 +30,10 @@ import torch
 from omegaconf import OmegaConf
 
 from kvbench.batching import collate
-from kvbench.config import CONFIG_DIR, model_spec
+from kvbench.config import CONFIG_DIR
 from kvbench.engine import make_engine
 from kvbench.engine.generate import teacher_forced_nll
-from kvbench.models import load
+from kvbench.models import load, model_spec
 from kvbench.policies import build
 from kvbench.policies.base import Budget
 from kvbench.results import policy_label
