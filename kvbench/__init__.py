@@ -1,10 +1,13 @@
 """kvbench: a benchmarking harness for KV-cache eviction in LLM inference.
 
 ``kvbench.evaluate`` and ``kvbench.generate`` (the library API, ``kvbench/api.py``) load on first use, so that
-``import kvbench`` (plots, reports) stays free of torch. The engine's ``generate``: ``from kvbench.generate import``.
+``import kvbench`` (plots, reports) stays free of torch. The engine's ``generate``:
+``from kvbench.engine.generate import generate``.
 """
 
-__version__ = "0.1.0"
+from kvbench.version import __version__
+
+__all__ = ["__version__"]
 
 
 def __getattr__(name: str):

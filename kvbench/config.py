@@ -39,16 +39,6 @@ def check_option(group: str, name: str) -> None:
         raise UserError(f"unknown {group} '{name}'; valid: {', '.join(options(group))}")
 
 
-def model_spec(name: str):
-    """The ``ModelSpec`` of ``configs/model/<name>.yaml``, without composing the whole app config."""
-    from kvbench.models import ModelSpec
-
-    check_option("model", name)
-    fields = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "model" / f"{name}.yaml"), resolve=True)
-    fields.pop("_target_", None)
-    return ModelSpec(**fields)
-
-
 def _matches(value: Any, hint: Any) -> bool:
     """Whether ``value`` (plain Python, as ``OmegaConf.to_container`` gives it) has the type ``hint``."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
@@ -126,7 +116,7 @@ class Settings:
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    attention: str = "sdpa"  # checked against kvbench.attention.KERNELS by runner.check_kernel
+    attention: str = "sdpa"  # checked against kvbench.engine.kernels.KERNELS by runner.check_kernel
     batch_size: int = positive(1)
     chunk_size: int = positive(1024)
     prefill_eviction: Literal["whole", "chunked"] = "whole"

@@ -13,7 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 
+from kvbench.config import CONFIG_DIR, check_option
 from kvbench.errors import UserError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
@@ -166,6 +168,12 @@ def load(spec: ModelSpec, device: str, dtype: torch.dtype) -> tuple[torch.nn.Mod
 
 def _tokenizer_spec(spec: ModelSpec) -> ModelSpec:
     """Random-weight models borrow the offline default's tokenizer (its vocabulary bounds the config's)."""
-    from kvbench.config import model_spec
-
     return model_spec(spec.tokenizer or "smollm2_135m")
+
+
+def model_spec(name: str) -> ModelSpec:
+    """The ``ModelSpec`` of ``configs/model/<name>.yaml``, without composing the whole app config."""
+    check_option("model", name)
+    fields = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "model" / f"{name}.yaml"), resolve=True)
+    fields.pop("_target_", None)
+    return ModelSpec(**fields)

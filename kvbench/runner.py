@@ -26,18 +26,18 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-import kvbench
-from kvbench import models
-from kvbench.attention import KERNELS, Engine
+from kvbench import models, policies
 from kvbench.batching import collate, encode, length_grouped, needle_span
 from kvbench.config import check_fields, check_settings
+from kvbench.engine.engine import Engine, make_engine
+from kvbench.engine.generate import Batch, generate
+from kvbench.engine.kernels import KERNELS
 from kvbench.errors import UserError
-from kvbench.generate import Batch, generate
 from kvbench.measure import peak_kind
 from kvbench.policies.base import Budget, Policy
-from kvbench.policies.full import FullCache
 from kvbench.store import ResultStore
 from kvbench.tasks.base import Example, Task
+from kvbench.version import __version__
 
 FAULT_ENV = "KVBENCH_TEST_FAULT_SEED"  # test only: see Runner._fault_hook
 # Keys that do not change what a run computes; they stay out of the configuration hash.
@@ -63,13 +63,8 @@ def plan(cfg: DictConfig, check_model: bool = True) -> Plan:
     check_settings(cfg)
     check_fields(models.ModelSpec, OmegaConf.to_container(cfg.model, resolve=True), prefix="model.")
     budget = Budget.from_config(cfg.budget, cfg.get("budget_tokens"))
-    policy = instantiate(cfg.policy) if cfg.get("policy") is not None else FullCache()
-    if policy.needs_budget and budget.kind == "none":
-        raise UserError(f"policy '{policy.name}' needs a budget: add budget=<fraction in (0, 1]> or budget_tokens=<n>")
-    if getattr(policy, "budget_free", False) and budget.kind != "none":
-        raise UserError(f"policy '{policy.name}' sets its own compression; remove budget/budget_tokens")
-    if isinstance(policy, FullCache) and budget.kind != "none" and budget.value != 1.0:
-        raise UserError("the full cache keeps everything: use budget=1.0 (or none) with it, or pick a policy")
+    policy = policies.build(cfg.get("policy"))
+    policy.check_budget(budget)
     check_kernel(cfg.attention, cfg.device, cfg.dtype)
     spec = models.ModelSpec(**OmegaConf.to_container(cfg.model, resolve=True))
     if check_model:
@@ -140,13 +135,13 @@ def versions() -> dict[str, str]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
-        "kvbench": kvbench.__version__,
+        "kvbench": __version__,
     }
 
 
 def git_commit() -> str:
     """HEAD of the kvbench checkout, with ``-dirty`` when tracked files have uncommitted changes."""
-    root = Path(kvbench.__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
         dirty = subprocess.run(["git", "status", "--porcelain", "-uno"], cwd=root, capture_output=True, text=True)
@@ -178,9 +173,6 @@ class Runner:
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         torch.manual_seed(cfg.seed)
         self.model, self.tokenizer = loaded or loaded_model(run.spec, self.device, self.dtype)
-        config = self.model.config
-        self.n_layers = config.num_hidden_layers
-        self.group_size = config.num_attention_heads // config.num_key_value_heads
         self.stop_ids = _eos_ids(self.model, self.tokenizer)
         run.policy.bind(self.tokenizer)
         self._warm_up()
@@ -189,13 +181,18 @@ class Runner:
         """One tiny generation so one-time costs (allocations, kernel selection) stay out of the timings."""
         ids = self.tokenizer.encode("Warm up.", add_special_tokens=False)
         batch = collate([[ids, []]], self.tokenizer.pad_token_id, self.device)
-        generate(self.model, self.engine(FullCache(), Budget()), batch, 2, set(), chunk_size=self.plan.cfg.chunk_size)
+        generate(
+            self.model,
+            self.engine(policies.build(None), Budget()),
+            batch,
+            2,
+            set(),
+            chunk_size=self.plan.cfg.chunk_size,
+        )
 
     def engine(self, policy: Policy, budget: Budget) -> Engine:
         cfg = self.plan.cfg
-        return Engine(
-            policy, budget, self.n_layers, self.group_size, diagnostics=bool(cfg.diagnostics), kernel=cfg.attention
-        )
+        return make_engine(self.model, policy, budget, diagnostics=bool(cfg.diagnostics), kernel=cfg.attention)
 
     def run_task(self, task: Task) -> dict[str, Any] | None:
         """Evaluate one task, resuming from predictions on disk; returns its row (None if already done)."""
@@ -310,9 +307,11 @@ class Runner:
             evict_per_chunk=cfg.prefill_eviction == "chunked",
             stopped=stopped,
         )
-        kept = engine.kept_fraction()
-        per_layer = engine.final_kept_per_head()  # [L, B, Hkv]
-        mass = engine.attention_mass()
+        meters = engine.meters
+        kept = meters.kept_fraction()
+        per_layer = meters.final_kept_per_head(engine.cache, engine.seen())  # [L, B, Hkv]
+        mass = meters.attention_mass()
+        full_nbytes = meters.full_nbytes(engine.cache, int(engine.seen().max()))
         policy_diagnostics = self.plan.policy.diagnostics(engine.cache)
         prompt_tokens = batch.attention_mask.sum(-1).tolist()
         width = len(examples)
@@ -340,11 +339,11 @@ class Runner:
                     "attention_mass_retained": None if mass is None else float(mass[row]),
                     # Per example (the engine counts the whole batch, padding included): batch_size stays
                     # out of the config hash, so these must not depend on it.
-                    "kv_bytes": engine.peak_nbytes // width,
-                    "kv_payload_bytes": engine.peak_kv_nbytes // width,
-                    "kv_bytes_decode": engine.peak_decode_nbytes // width,
-                    "kv_bytes_full": engine.full_nbytes() // width,
-                    "kv_bytes_batch": engine.peak_nbytes,
+                    "kv_bytes": meters.peak_nbytes // width,
+                    "kv_payload_bytes": meters.peak_kv_nbytes // width,
+                    "kv_bytes_decode": meters.peak_decode_nbytes // width,
+                    "kv_bytes_full": full_nbytes // width,
+                    "kv_bytes_batch": meters.peak_nbytes,
                     "prefill_s": out.prefill_s * share,
                     "decode_s": out.decode_s * share,
                     "ttft_s": out.prefill_s,
@@ -366,8 +365,8 @@ class Runner:
         if span is None:
             return meta
         compressed = len(parts[0])
-        capacity = self.plan.budget.capacity(torch.tensor([compressed]))
-        windows = self.plan.policy.protected_windows(compressed, None if capacity is None else int(capacity[0]))
+        capacity = self.plan.budget.capacity_host([compressed])  # the compressed prompt holds no held-out token
+        windows = self.plan.policy.protected_windows(compressed, None if capacity is None else capacity[0])
         inside = sum(max(0, min(end, span[1]) - max(start, span[0])) for start, end in windows)
         meta.update(
             needle_span=list(span),
@@ -395,7 +394,7 @@ class Runner:
             "policy": run.policy.name,
             "label": run.policy.display_name(run.budget),
             "policy_params": run.policy.params(),
-            "kv_masked": run.policy.kv_masked,
+            "kv_masked": run.policy.needed().kv_masked,
             "budget": run.budget.value if run.budget.kind == "fraction" else None,
             "budget_tokens": run.budget.value if run.budget.kind == "tokens" else None,
             "task": task.name,

@@ -10,8 +10,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from kvbench.config import CONFIG_DIR, model_spec
-from kvbench.models import load
+from kvbench.config import CONFIG_DIR
+from kvbench.models import load, model_spec
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,9 +12,8 @@ import pytest
 import torch
 
 import kvbench
-from kvbench.config import model_spec
 from kvbench.errors import UserError
-from kvbench.models import load
+from kvbench.models import load, model_spec
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -148,7 +148,7 @@ time.sleep(600)
 
 
 def test_concurrent_first_runs_convert_the_model_once_and_leave_no_temporary_files(tmp_path):
-    convert = "from kvbench.config import model_spec; from kvbench.models import converted_dir; "
+    convert = "from kvbench.models import converted_dir, model_spec; "
     convert += "print(converted_dir(model_spec('smollm2_135m')))"
     env = {**os.environ, "KVBENCH_CACHE": str(tmp_path), "OMP_NUM_THREADS": "1"}
     runs = [subprocess.Popen([sys.executable, "-c", convert], env=env, cwd=REPO, stdout=subprocess.PIPE) for _ in "ab"]

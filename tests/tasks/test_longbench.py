@@ -11,9 +11,9 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from transformers import AutoTokenizer
 
-from kvbench.config import CONFIG_DIR, model_spec
+from kvbench.config import CONFIG_DIR
 from kvbench.errors import UserError
-from kvbench.models import converted_dir
+from kvbench.models import converted_dir, model_spec
 from kvbench.prompting import truncate_middle
 from kvbench.tasks import longbench
 from kvbench.tasks.longbench import LongBenchSuite, LongBenchTask

@@ -12,9 +12,9 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from transformers import AutoTokenizer
 
-from kvbench.config import CONFIG_DIR, model_spec
+from kvbench.config import CONFIG_DIR
 from kvbench.errors import UserError
-from kvbench.models import converted_dir
+from kvbench.models import converted_dir, model_spec
 from kvbench.tasks import ruler
 from kvbench.tasks.base import Example
 from kvbench.tasks.ruler import RulerSuite, RulerTask, string_match_all, string_match_part
