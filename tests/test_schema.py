@@ -78,3 +78,15 @@ def test_decode_tokens_of_a_record_written_before_the_column():
     assert runner._decode_tokens({"n_new_tokens": 6}) == 5
     assert runner._decode_tokens({"n_new_tokens": 0}) == 0
     assert runner._decode_tokens({"n_new_tokens": 6, "n_decode_tokens": 6}) == 6
+
+
+def test_committed_results_are_in_the_schema_order():
+    """Committed rows and predictions (written by earlier versions) hold a subset of today's columns, in order."""
+    paths = sorted((REPO / "results").rglob("results.jsonl"))
+    assert paths
+    for path in paths:
+        for line in read_lines(path)[:3]:
+            assert tuple(line) == tuple(c for c in schema.OK_COLUMNS if c in line), path
+        for predictions in sorted((path.parent / "predictions").glob("*.jsonl"))[:3]:
+            record = read_lines(predictions)[0]
+            assert tuple(record) == tuple(c for c in schema.PREDICTION_COLUMNS if c in record), predictions
