@@ -162,8 +162,9 @@ class Row:
         report=("prefill tok/s", "{:.0f}"),
     )
     decode_tokens_per_s: float | None = column(
-        "Tokens produced by decode steps / decode time, over all examples (the first generated token comes "
-        "from prefill and is not counted)",
+        "Tokens produced by decode steps (`n_decode_tokens`) / decode time, over all examples: the first "
+        "generated token comes from prefill and is not counted (a record without `n_decode_tokens`, written "
+        "before it existed, counts its generated tokens minus one)",
         legacy=None,
         wandb=("speed/decode_tok_s", "mean"),
         report=("decode tok/s", "{:.1f}"),
