@@ -7,6 +7,7 @@ import random
 from pathlib import Path
 from typing import Any
 
+from kvbench import schema
 from kvbench.analysis.names import safe
 
 
@@ -21,22 +22,8 @@ class NoLogger:
 
 
 # Results-row key -> (W&B key, how the rows of a multi-task run combine in the run summary).
-ROW_METRICS = {
-    "kv_kept_fraction": ("kv/kept_frac", "mean"),
-    "kv_bytes": ("kv/bytes", "max"),
-    "kv_payload_bytes": ("kv/payload_bytes", "max"),
-    "kv_bytes_full": ("kv/bytes_full", "max"),
-    "attention_mass_retained": ("kv/attention_mass", "mean"),
-    "peak_memory_bytes": ("memory/peak_bytes", "max"),
-    "peak_memory_prefill_bytes": ("memory/peak_prefill_bytes", "max"),
-    "peak_memory_decode_bytes": ("memory/peak_decode_bytes", "max"),
-    "prefill_tokens_per_s": ("speed/prefill_tok_s", "mean"),
-    "decode_tokens_per_s": ("speed/decode_tok_s", "mean"),
-    "ttft_s": ("speed/ttft_s", "mean"),
-    "wall_s": ("time/wall_s", "sum"),
-    "n_examples": ("eval/n_examples", "sum"),
-}
-PREDICTION_COLUMNS = ["task", "id", "prediction", "answers", "score", "n_prompt_tokens", "kv_kept_fraction"]
+ROW_METRICS = schema.WANDB_METRICS
+PREDICTION_COLUMNS = ["task", *schema.PREDICTION_TABLE]
 MAX_PREDICTIONS = 50
 
 

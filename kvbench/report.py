@@ -5,19 +5,9 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-COLUMNS = (
-    ("status", "status", "{}"),
-    ("task", "task", "{}"),
-    ("policy", "policy", "{}"),
-    ("budget", "budget", "{}"),
-    ("n", "n_examples", "{}"),
-    ("score", "score", "{:.2f}"),
-    ("kept", "kv_kept_fraction", "{:.3f}"),
-    ("KV MiB peak", "kv_bytes", "{:.1f}"),
-    ("KV MiB decode", "kv_bytes_decode", "{:.1f}"),
-    ("prefill tok/s", "prefill_tokens_per_s", "{:.0f}"),
-    ("decode tok/s", "decode_tokens_per_s", "{:.1f}"),
-)
+from kvbench import schema
+
+COLUMNS = schema.REPORT_COLUMNS  # (header, row column, format)
 
 
 def _cell(row: dict[str, Any], key: str, fmt: str) -> str:

@@ -8,12 +8,9 @@ rerun of the same configuration skips finished rows and resumes a half-done task
 from __future__ import annotations
 
 import gc
-import hashlib
 import importlib.util
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -35,13 +32,11 @@ from kvbench.engine.kernels import KERNELS
 from kvbench.errors import UserError
 from kvbench.measure import peak_kind
 from kvbench.policies.base import Budget, Policy
+from kvbench.schema import Prediction, Row, config_hash, git_commit, versions
 from kvbench.store import ResultStore
 from kvbench.tasks.base import Example, Task
-from kvbench.version import __version__
 
 FAULT_ENV = "KVBENCH_TEST_FAULT_SEED"  # test only: see Runner._fault_hook
-# Keys that do not change what a run computes; they stay out of the configuration hash.
-UNHASHED = ("results_dir", "data_dir", "logger", "sweep_id", "batch_size", "progress", "attention")
 
 
 @dataclass
@@ -89,13 +84,6 @@ def truncates(task: Task) -> bool:
     return task.family == "longbench"
 
 
-def config_hash(cfg: DictConfig, task: Task) -> str:
-    """Stable hash of what determines a row's numbers (model, policy, budget, task, protocol, ...)."""
-    content = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in UNHASHED}
-    content["task"] = {"name": task.name, **{k: v for k, v in vars(task).items() if not k.startswith("_")}}
-    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def check_kernel(kernel: str, device: str, dtype: str) -> None:
     """``attention=flash_attention_2`` needs flash-attn installed, a CUDA device and a half-precision dtype."""
     if kernel not in KERNELS:
@@ -126,28 +114,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in choices:
         raise UserError(f"unknown dtype '{name}'; valid: auto, {', '.join(choices)}")
     return choices[name]
-
-
-def versions() -> dict[str, str]:
-    import transformers
-
-    return {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "kvbench": __version__,
-    }
-
-
-def git_commit() -> str:
-    """HEAD of the kvbench checkout, with ``-dirty`` when tracked files have uncommitted changes."""
-    root = Path(__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "-uno"], cwd=root, capture_output=True, text=True)
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
 _LOADED: dict[str, tuple[torch.nn.Module, Any]] = {}
@@ -224,7 +190,7 @@ class Runner:
         print(f"[kvbench] {task.name}: failed: {reason}", file=sys.stderr)
         row = self._failed_row(task, key, reason)
         store.add_failure(row)
-        return row
+        return row.to_dict()
 
     def _fault_hook(self) -> Any:
         """Test only: with ``KVBENCH_TEST_FAULT_SEED=<seed>``, the point of that seed raises ``MemoryError``
@@ -285,9 +251,9 @@ class Runner:
         records = [store.predictions(key)[example.id] for example in examples]
         row = self._row(task, key, records, time.perf_counter() - started)
         store.add_row(row, repair=repair)
-        return row
+        return row.to_dict()
 
-    def _run_batch(self, task: Task, examples: list[Example]) -> list[dict[str, Any]]:
+    def _run_batch(self, task: Task, examples: list[Example]) -> list[Prediction]:
         cfg, spec = self.plan.cfg, self.plan.spec
         chat = task.chat and spec.chat_template
         encoded = [encode(ex, self.tokenizer, chat, spec.max_prompt_tokens, cfg.protocol) for ex in examples]
@@ -322,36 +288,37 @@ class Runner:
             prediction = task.postprocess(raw)
             share = prompt_tokens[row] / sum(prompt_tokens)
             records.append(
-                {
-                    "id": example.id,
-                    "prediction": prediction,
-                    "answers": example.answers,
-                    "score": task.score(prediction, example),
-                    "meta": self._meta(example, encoded[row], chat),
-                    "n_prompt_tokens": prompt_tokens[row],
-                    "n_prompt_tokens_original": original,  # the user message, before middle truncation
-                    "n_prompt_tokens_kept": min(original, 2 * int(spec.max_prompt_tokens / 2))
+                Prediction(
+                    id=example.id,
+                    prediction=prediction,
+                    answers=example.answers,
+                    score=task.score(prediction, example),
+                    meta=self._meta(example, encoded[row], chat),
+                    n_prompt_tokens=prompt_tokens[row],
+                    n_prompt_tokens_original=original,  # the user message, before middle truncation
+                    n_prompt_tokens_kept=min(original, 2 * int(spec.max_prompt_tokens / 2))
                     if original > spec.max_prompt_tokens
                     else original,
-                    "n_new_tokens": len(out.tokens[row]),
-                    "kv_kept_fraction": float(kept[row]),
-                    "kv_kept_per_head": per_layer[:, row].tolist(),
-                    "attention_mass_retained": None if mass is None else float(mass[row]),
+                    n_new_tokens=len(out.tokens[row]),
+                    n_decode_tokens=out.n_decode_tokens[row],
+                    kv_kept_fraction=float(kept[row]),
+                    kv_kept_per_head=per_layer[:, row].tolist(),
+                    attention_mass_retained=None if mass is None else float(mass[row]),
                     # Per example (the engine counts the whole batch, padding included): batch_size stays
                     # out of the config hash, so these must not depend on it.
-                    "kv_bytes": meters.peak_nbytes // width,
-                    "kv_payload_bytes": meters.peak_kv_nbytes // width,
-                    "kv_bytes_decode": meters.peak_decode_nbytes // width,
-                    "kv_bytes_full": full_nbytes // width,
-                    "kv_bytes_batch": meters.peak_nbytes,
-                    "prefill_s": out.prefill_s * share,
-                    "decode_s": out.decode_s * share,
-                    "ttft_s": out.prefill_s,
-                    "prefill_peak_bytes": out.prefill_peak_bytes,
-                    "decode_peak_bytes": out.decode_peak_bytes,
-                    "policy_diagnostics": policy_diagnostics[row] if policy_diagnostics else None,
-                    "batch_size": len(examples),
-                }
+                    kv_bytes=meters.peak_nbytes // width,
+                    kv_payload_bytes=meters.peak_kv_nbytes // width,
+                    kv_bytes_decode=meters.peak_decode_nbytes // width,
+                    kv_bytes_full=full_nbytes // width,
+                    kv_bytes_batch=meters.peak_nbytes,
+                    prefill_s=out.prefill_s * share,
+                    decode_s=out.decode_s * share,
+                    ttft_s=out.prefill_s,
+                    prefill_peak_bytes=out.prefill_peak_bytes,
+                    decode_peak_bytes=out.decode_peak_bytes,
+                    policy_diagnostics=policy_diagnostics[row] if policy_diagnostics else None,
+                    batch_size=len(examples),
+                )
             )
         return records
 
@@ -376,7 +343,7 @@ class Runner:
         )
         return meta
 
-    def _row(self, task: Task, key: str, records: list[dict[str, Any]], wall_s: float) -> dict[str, Any]:
+    def _row(self, task: Task, key: str, records: list[dict[str, Any]], wall_s: float) -> Row:
         cfg, run = self.plan.cfg, self.plan
         scores = [record["score"] for record in records]
         prefill_s = sum(r["prefill_s"] for r in records)
@@ -387,80 +354,80 @@ class Runner:
             sum(sum(r["kv_kept_per_head"][layer]) / len(r["kv_kept_per_head"][layer]) for r in records) / len(records)
             for layer in range(n_layers)
         ]
-        return {
-            "config_hash": key,
-            "status": "ok",
-            "model": run.spec.name,
-            "policy": run.policy.name,
-            "label": run.policy.display_name(run.budget),
-            "policy_params": run.policy.params(),
-            "kv_masked": run.policy.needed().kv_masked,
-            "budget": run.budget.value if run.budget.kind == "fraction" else None,
-            "budget_tokens": run.budget.value if run.budget.kind == "tokens" else None,
-            "task": task.name,
-            "task_family": task.family,
-            "task_version": task.version,
-            "data_revision": getattr(task, "data_revision", None),
-            "protocol": cfg.protocol,
-            "n_examples": len(records),
-            "truncated_share": _mean(
+        return Row(
+            config_hash=key,
+            status="ok",
+            model=run.spec.name,
+            policy=run.policy.name,
+            label=run.policy.display_name(run.budget),
+            policy_params=run.policy.params(),
+            kv_masked=run.policy.needed().kv_masked,
+            budget=run.budget.value if run.budget.kind == "fraction" else None,
+            budget_tokens=run.budget.value if run.budget.kind == "tokens" else None,
+            task=task.name,
+            task_family=task.family,
+            task_version=task.version,
+            data_revision=getattr(task, "data_revision", None),
+            protocol=cfg.protocol,
+            n_examples=len(records),
+            truncated_share=_mean(
                 [float(r.get("n_prompt_tokens_kept", 0) < r.get("n_prompt_tokens_original", 0)) for r in records]
             ),
-            "score": task.aggregate(scores),
-            "score_breakdown": task.breakdown(scores, [record["meta"] for record in records]),
-            "kv_kept_fraction": _mean([r["kv_kept_fraction"] for r in records]),
-            "kv_kept_per_layer": per_layer,
-            "attention_mass_retained": _mean(masses) if masses else None,
-            "kv_bytes": max(r["kv_bytes"] for r in records),
-            "kv_payload_bytes": max(r["kv_payload_bytes"] for r in records),
-            "kv_bytes_decode": max(r["kv_bytes_decode"] for r in records),
-            "kv_bytes_full": max(r["kv_bytes_full"] for r in records),
-            "peak_memory_bytes": max(max(r["prefill_peak_bytes"], r["decode_peak_bytes"]) for r in records),
-            "peak_memory_prefill_bytes": max(r["prefill_peak_bytes"] for r in records),
-            "peak_memory_decode_bytes": max(r["decode_peak_bytes"] for r in records),
-            "peak_memory_kind": peak_kind(self.device),
-            "prefill_tokens_per_s": sum(r["n_prompt_tokens"] for r in records) / prefill_s if prefill_s else None,
-            "decode_tokens_per_s": sum(r["n_new_tokens"] for r in records) / decode_s if decode_s else None,
-            "ttft_s": _mean([r["ttft_s"] for r in records]),
-            "wall_s": wall_s,
-            "device": self.device.type,
-            "dtype": str(self.dtype).removeprefix("torch."),
-            "attention": cfg.attention,
-            "diagnostics": bool(cfg.diagnostics),
-            "batch_size": int(cfg.batch_size),
-            "limit": cfg.limit,
-            "seed": int(cfg.seed),
-            "prefill_eviction": cfg.prefill_eviction,
-            "chunk_size": int(cfg.chunk_size),
-            "max_prompt_tokens": run.spec.max_prompt_tokens,
-            "sweep_id": cfg.get("sweep_id"),
-            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-            "git_commit": git_commit(),
-            "versions": versions(),
-            "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
-        }
+            score=task.aggregate(scores),
+            score_breakdown=task.breakdown(scores, [record["meta"] for record in records]),
+            kv_kept_fraction=_mean([r["kv_kept_fraction"] for r in records]),
+            kv_kept_per_layer=per_layer,
+            attention_mass_retained=_mean(masses) if masses else None,
+            kv_bytes=max(r["kv_bytes"] for r in records),
+            kv_payload_bytes=max(r["kv_payload_bytes"] for r in records),
+            kv_bytes_decode=max(r["kv_bytes_decode"] for r in records),
+            kv_bytes_full=max(r["kv_bytes_full"] for r in records),
+            peak_memory_bytes=max(max(r["prefill_peak_bytes"], r["decode_peak_bytes"]) for r in records),
+            peak_memory_prefill_bytes=max(r["prefill_peak_bytes"] for r in records),
+            peak_memory_decode_bytes=max(r["decode_peak_bytes"] for r in records),
+            peak_memory_kind=peak_kind(self.device),
+            prefill_tokens_per_s=sum(r["n_prompt_tokens"] for r in records) / prefill_s if prefill_s else None,
+            decode_tokens_per_s=sum(map(_decode_tokens, records)) / decode_s if decode_s else None,
+            ttft_s=_mean([r["ttft_s"] for r in records]),
+            wall_s=wall_s,
+            device=self.device.type,
+            dtype=str(self.dtype).removeprefix("torch."),
+            attention=cfg.attention,
+            diagnostics=bool(cfg.diagnostics),
+            batch_size=int(cfg.batch_size),
+            limit=cfg.limit,
+            seed=int(cfg.seed),
+            prefill_eviction=cfg.prefill_eviction,
+            chunk_size=int(cfg.chunk_size),
+            max_prompt_tokens=run.spec.max_prompt_tokens,
+            sweep_id=cfg.get("sweep_id"),
+            slurm_job_id=os.environ.get("SLURM_JOB_ID"),
+            git_commit=git_commit(),
+            versions=versions(),
+            timestamp=datetime.now(UTC).isoformat(timespec="seconds"),
+        )
 
-    def _failed_row(self, task: Task, key: str, reason: str) -> dict[str, Any]:
+    def _failed_row(self, task: Task, key: str, reason: str) -> Row:
         """What a failed point records: its configuration and the one-line reason (no numbers)."""
         cfg, run = self.plan.cfg, self.plan
-        return {
-            "config_hash": key,
-            "status": "failed",
-            "reason": reason,
-            "model": run.spec.name,
-            "policy": run.policy.name,
-            "policy_params": run.policy.params(),
-            "budget": run.budget.value if run.budget.kind == "fraction" else None,
-            "budget_tokens": run.budget.value if run.budget.kind == "tokens" else None,
-            "task": task.name,
-            "task_family": task.family,
-            "protocol": cfg.protocol,
-            "seed": int(cfg.seed),
-            "sweep_id": cfg.get("sweep_id"),
-            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-            "git_commit": git_commit(),
-            "timestamp": datetime.now(UTC).isoformat(timespec="seconds"),
-        }
+        return Row(
+            config_hash=key,
+            status="failed",
+            reason=reason,
+            model=run.spec.name,
+            policy=run.policy.name,
+            policy_params=run.policy.params(),
+            budget=run.budget.value if run.budget.kind == "fraction" else None,
+            budget_tokens=run.budget.value if run.budget.kind == "tokens" else None,
+            task=task.name,
+            task_family=task.family,
+            protocol=cfg.protocol,
+            seed=int(cfg.seed),
+            sweep_id=cfg.get("sweep_id"),
+            slurm_job_id=os.environ.get("SLURM_JOB_ID"),
+            git_commit=git_commit(),
+            timestamp=datetime.now(UTC).isoformat(timespec="seconds"),
+        )
 
 
 def one_line(error: BaseException) -> str:
@@ -474,6 +441,12 @@ def free_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def _decode_tokens(record: dict[str, Any]) -> int:
+    """Tokens a record's decode steps produced; a record written before ``n_decode_tokens`` existed: every
+    generated token but the first, which prefill produced."""
+    return record.get("n_decode_tokens", max(0, record["n_new_tokens"] - 1))
 
 
 def _mean(values: list[float]) -> float:

@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from kvbench.schema import Prediction, Row
+
 
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
@@ -111,14 +113,14 @@ class ResultStore:
             config_hash
         )
 
-    def add_failure(self, row: dict[str, Any]) -> None:
+    def add_failure(self, row: Row) -> None:
         """Record a failed point (a rerun retries it)."""
-        append_line(self.rows_path, row)
+        append_line(self.rows_path, row.to_dict())
 
-    def add_row(self, row: dict[str, Any], repair: bool = False) -> bool:
+    def add_row(self, row: Row, repair: bool = False) -> bool:
         """Append ``row`` unless a row with its config hash is already there (``repair``: always, superseding
         a row whose predictions were damaged); returns whether it was added."""
-        return append_line(self.rows_path, row, unless_key=None if repair else "config_hash")
+        return append_line(self.rows_path, row.to_dict(), unless_key=None if repair else "config_hash")
 
     @contextlib.contextmanager
     def claim(self, config_hash: str) -> Iterator[bool]:
@@ -157,5 +159,5 @@ class ResultStore:
             done.setdefault(record["id"], record)
         return done
 
-    def add_prediction(self, config_hash: str, record: dict[str, Any]) -> None:
-        append_line(self.predictions_path(config_hash), record)
+    def add_prediction(self, config_hash: str, record: Prediction) -> None:
+        append_line(self.predictions_path(config_hash), record.to_dict())

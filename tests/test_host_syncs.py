@@ -74,7 +74,8 @@ def test_the_counter_sees_host_reads():
 
 
 def test_diagnostics_are_off_by_default_and_part_of_the_config_hash(make_config):
-    from kvbench.runner import config_hash, plan
+    from kvbench.runner import plan
+    from kvbench.schema import config_hash
 
     default, on = make_config(), make_config("diagnostics=true")
     assert default.diagnostics is False

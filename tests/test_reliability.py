@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvbench import runner
+from kvbench import runner, schema
 from kvbench.batching import encode
 from kvbench.errors import UserError
 from kvbench.store import ResultStore
@@ -116,7 +116,7 @@ def test_damaged_predictions_of_a_finished_row_are_reported_and_repaired(tmp_pat
 def test_a_config_claimed_by_another_process_is_skipped_and_a_stale_claim_is_taken_over(make_config, capsys):
     cfg = make_config(*TINY)
     store = ResultStore(cfg.results_dir)
-    key = runner.config_hash(cfg, runner.plan(cfg).tasks[0])
+    key = schema.config_hash(cfg, runner.plan(cfg).tasks[0])
     claim = store.predictions_path(key).with_suffix(".claim.lock")
     claim.parent.mkdir(parents=True)
     holder = subprocess.Popen(  # another process computing the same config: it holds the claim

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ast
 import math
 from pathlib import Path
 
@@ -10,14 +9,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from kvbench import schema
 from kvbench.analysis import cli
 from kvbench.analysis.load import MACRO, bootstrap_ci, example_scores, load, summary
 from kvbench.analysis.names import policy_label
 from kvbench.analysis.tables import notes, score_table, write_summaries
 from kvbench.store import append_line, read_lines
 from tests.results_fixture import MODEL, SETTINGS, TASKS, _record, row, write_results
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -35,19 +33,11 @@ def lines(df) -> pd.DataFrame:
     return summary(df)
 
 
-def _dict_keys(function: str, path: Path = REPO / "kvbench" / "runner.py") -> set[str]:
-    """Keys of the dict literals a function of the runner builds (the row, or a prediction record)."""
-    tree = ast.parse(path.read_text())
-    node = next(n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == function)
-    dicts = [d for d in ast.walk(node) if isinstance(d, ast.Dict) and len(d.keys) > 5]
-    return {k.value for d in dicts for k in d.keys if isinstance(k, ast.Constant)}
-
-
 def test_fixture_has_the_runner_schema(fixture_dir):
     rows = read_lines(fixture_dir / "results.jsonl")
-    assert set(rows[0]) == _dict_keys("_row")
+    assert tuple(rows[0]) == schema.OK_COLUMNS
     prediction = read_lines(next((fixture_dir / "predictions").glob("*.jsonl")))[0]
-    assert set(prediction) == _dict_keys("_run_batch")
+    assert tuple(prediction) == schema.PREDICTION_COLUMNS
 
 
 def test_load_is_recursive_and_keeps_the_latest_row(fixture_dir, df):
@@ -113,7 +103,15 @@ def test_policy_label_formats_nested_params():
 def test_variant_goes_into_the_setting(tmp_path):
     root = tmp_path / "r"
     record = {"id": "a", "score": 1.0, "kv_kept_per_head": [[1.0]], "kv_kept_fraction": 1.0, "kv_bytes": 1}
-    record.update(n_prompt_tokens=10, n_new_tokens=1, prefill_s=1, decode_s=1, ttft_s=1, attention_mass_retained=None)
+    record.update(
+        n_prompt_tokens=10,
+        n_new_tokens=1,
+        n_decode_tokens=0,
+        prefill_s=1,
+        decode_s=1,
+        ttft_s=1,
+        attention_mass_retained=None,
+    )
     record.update(kv_payload_bytes=1, kv_bytes_decode=1, prefill_peak_bytes=1, decode_peak_bytes=1)
     line = row("h", "snapkv", {"window": 8}, "passkey", [record], budget=0.5, protocol="query_agnostic")
     append_line(root / "results.jsonl", line)

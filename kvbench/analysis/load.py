@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from kvbench import schema
 from kvbench.analysis.names import policy_label
 from kvbench.labels import display_name
 from kvbench.store import ResultStore, failed, read_lines
@@ -23,70 +24,12 @@ MACRO = "average"  # task name of the macro-average rows that ``summary`` adds
 N_RESAMPLES = 1000
 SEED = 0
 
-# Defaults for row keys an older or partial row may lack, so every column below exists.
-ROW_DEFAULTS: dict[str, Any] = {
-    "config_hash": None,
-    "model": None,
-    "policy": "full",
-    "label": None,
-    "policy_params": None,
-    "kv_masked": False,
-    "budget": None,
-    "budget_tokens": None,
-    "task": None,
-    "protocol": "official",
-    "prefill_eviction": "whole",
-    "n_examples": 0,
-    "score": math.nan,
-    "kv_kept_fraction": math.nan,
-    "attention_mass_retained": None,
-    "kv_bytes": math.nan,
-    "kv_payload_bytes": math.nan,
-    "kv_bytes_decode": math.nan,
-    "kv_bytes_full": math.nan,
-    "peak_memory_bytes": math.nan,
-    "peak_memory_prefill_bytes": math.nan,
-    "peak_memory_decode_bytes": math.nan,
-    "prefill_tokens_per_s": None,
-    "decode_tokens_per_s": None,
-    "ttft_s": None,
-    "seed": 0,
-    "sweep_id": None,
-    "timestamp": "",
-}
-NUMERIC = (
-    "budget",
-    "budget_tokens",
-    "score",
-    "kv_kept_fraction",
-    "attention_mass_retained",
-    "kv_bytes",
-    "kv_payload_bytes",
-    "kv_bytes_decode",
-    "kv_bytes_full",
-    "peak_memory_bytes",
-    "peak_memory_prefill_bytes",
-    "peak_memory_decode_bytes",
-    "prefill_tokens_per_s",
-    "decode_tokens_per_s",
-    "ttft_s",
-)
+# Defaults for row keys an older or partial row may lack, so every column below exists (kvbench/schema.py).
+ROW_DEFAULTS: dict[str, Any] = schema.ROW_DEFAULTS
+NUMERIC = schema.NUMERIC
 # One point of a curve: a model, a policy configuration (+ protocol variant) and a budget.
 POINT = ["model", "setting", "budget_kind", "budget_x"]
-EFFICIENCY = {
-    "kv_kept_fraction": "mean",
-    "kv_bytes": "mean",
-    "kv_payload_bytes": "mean",
-    "kv_bytes_decode": "mean",
-    "kv_bytes_full": "mean",
-    "peak_memory_bytes": "mean",
-    "peak_memory_prefill_bytes": "mean",
-    "peak_memory_decode_bytes": "mean",
-    "prefill_tokens_per_s": "mean",
-    "decode_tokens_per_s": "mean",
-    "ttft_s": "mean",
-    "attention_mass_retained": "mean",
-}
+EFFICIENCY = {column: "mean" for column in schema.EFFICIENCY}
 
 
 def row_display_name(row: pd.Series | dict[str, Any]) -> str:

@@ -40,8 +40,7 @@ class Generation:
     tokens: list[list[int]]  # generated ids per example, stop token excluded
     prefill_s: float
     decode_s: float
-    n_prefill_tokens: int
-    n_decode_tokens: int
+    n_decode_tokens: list[int]  # per example: tokens its decode steps produced (the first token is prefill's)
     prefill_peak_bytes: int
     decode_peak_bytes: int
 
@@ -157,7 +156,7 @@ def generate(
         start = time.perf_counter()
         outputs: list[list[int]] = [[] for _ in range(len(lengths))]
         done = [False] * len(lengths)
-        n_decode = 0
+        n_decode = [0] * len(lengths)
         for step in range(max_new_tokens):
             for row, token in enumerate(next_tokens.tolist()):  # the step's one read of the device
                 if done[row]:
@@ -172,14 +171,13 @@ def generate(
                 break
             seen = [length + step + 1 for length in engine.prompt_lengths_host]
             next_tokens = decode_step(model, engine, next_tokens, lengths + step, seen).argmax(-1)
-            n_decode += done.count(False)
+            n_decode = [count + (not stop) for count, stop in zip(n_decode, done, strict=True)]
         synchronize(device)
         decode_s = time.perf_counter() - start
     return Generation(
         tokens=outputs,
         prefill_s=prefill_s,
         decode_s=decode_s,
-        n_prefill_tokens=int(lengths.sum()),
         n_decode_tokens=n_decode,
         prefill_peak_bytes=prefill_peak,
         decode_peak_bytes=read_peak(device),
