@@ -14,7 +14,9 @@ from kvbench.tasks.base import Example
 PROTOCOLS = ("official", "query_agnostic")
 
 
-def encode(example: Example, tokenizer: Any, chat: bool, max_prompt_tokens: int, protocol: str) -> list[list[int]]:
+def encode(
+    example: Example, tokenizer: Any, chat: bool, max_prompt_tokens: int, protocol: str, chat_format: str = "template"
+) -> list[list[int]]:
     """Token ids of one model input as [compressed part, held-out part].
 
     ``official``: the whole input is compressed (the held-out part is empty). ``query_agnostic``: the question
@@ -22,7 +24,7 @@ def encode(example: Example, tokenizer: Any, chat: bool, max_prompt_tokens: int,
     """
     if protocol not in PROTOCOLS:
         raise UserError(f"unknown protocol '{protocol}'; valid: {', '.join(PROTOCOLS)}")
-    text, special = render(example, tokenizer, chat, max_prompt_tokens)
+    text, special = render(example, tokenizer, chat, max_prompt_tokens, chat_format)
     if protocol == "official":
         return [tokenizer.encode(text, add_special_tokens=special), []]
     split = text.rfind(example.question) if example.question else -1
@@ -37,22 +39,33 @@ def encode(example: Example, tokenizer: Any, chat: bool, max_prompt_tokens: int,
     return [head, tokenizer.encode(text[split:], add_special_tokens=False)]
 
 
-def render(example: Example, tokenizer: Any, chat: bool, max_prompt_tokens: int) -> tuple[str, bool]:
-    """The model input as text (truncated prompt, chat template, answer prefix), and whether tokenizing it
-    adds the special tokens (only without a template)."""
+def render(
+    example: Example, tokenizer: Any, chat: bool, max_prompt_tokens: int, chat_format: str = "template"
+) -> tuple[str, bool]:
+    """The model input as text (truncated prompt, chat format, answer prefix), and whether tokenizing it adds the
+    special tokens (only without the tokenizer's template).
+
+    ``chat_format``: ``template`` applies the tokenizer's chat template; ``llama2_inst`` is the format LongBench's
+    ``pred.py`` builds for Llama-2-chat, ``[INST]{prompt}[/INST]`` tokenized with the BOS token, so that scores
+    compare with published ones.
+    """
     prompt = truncate_middle(example.prompt, tokenizer, max_prompt_tokens)
     if not chat:
         return prompt + example.answer_prefix, True
+    if chat_format == "llama2_inst":
+        return f"[INST]{prompt}[/INST]" + example.answer_prefix, True
     messages = [{"role": "user", "content": prompt}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return text + example.answer_prefix, False
 
 
-def needle_span(example: Example, tokenizer: Any, chat: bool, max_prompt_tokens: int) -> tuple[int, int] | None:
+def needle_span(
+    example: Example, tokenizer: Any, chat: bool, max_prompt_tokens: int, chat_format: str = "template"
+) -> tuple[int, int] | None:
     """Token span [start, end) of the example's needle (``meta["needle"]``) in the model input; None when the
     example has no needle or the input lost it (truncation)."""
     needle = example.meta.get("needle")
-    text, special = render(example, tokenizer, chat, max_prompt_tokens)
+    text, special = render(example, tokenizer, chat, max_prompt_tokens, chat_format)
     first = text.rfind(needle) if needle else -1
     if first < 0:
         return None

@@ -10,7 +10,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from omegaconf import OmegaConf
@@ -35,9 +35,10 @@ class ModelSpec:
     path: str | None = None
     gguf_package: str | None = None
     gguf_file: str | None = None
-    max_prompt_tokens: int = 8000
+    max_prompt_tokens: int | None = 8000  # None: the model's context minus the task's generation length
     max_prompt_tokens_source: str = ""
     chat_template: bool = True
+    chat_format: Literal["template", "llama2_inst"] = "template"  # see ``kvbench.batching.render``
     trust_remote_code: bool = False
     config: dict[str, Any] = field(default_factory=dict)
     tokenizer: str | None = None
@@ -100,12 +101,13 @@ def _convert(spec: ModelSpec, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
-def check_available(spec: ModelSpec) -> None:
+def check_available(spec: ModelSpec) -> dict[str, Any] | None:
     """Fail early, with one line, when a model cannot be used: its files cannot be found, the hub refuses it
     (gated, missing, offline without a cached copy) or its architecture is unsupported; only ``config.json`` is
-    read, so this runs before any weight is downloaded or written."""
+    read, so this runs before any weight is downloaded or written. Returns that config (None for GGUF)."""
     if spec.source == "gguf":
         _gguf_path(spec)
+        return None
     elif spec.source == "pretrained":
         if spec.path is None:
             raise UserError(f"model '{spec.name}' has no path (set model.path=<hub id or directory>)")
@@ -118,11 +120,13 @@ def check_available(spec: ModelSpec) -> None:
                 raise UserError(f"model '{spec.name}': {spec.path} has no config.json")
         else:
             config_file = _hub_config(spec)
-        _check_architecture(spec, json.loads(config_file.read_text(encoding="utf-8")))
+        config = json.loads(config_file.read_text(encoding="utf-8"))
     elif spec.source == "random":
-        _check_architecture(spec, spec.config)
+        config = spec.config
     else:
         raise UserError(f"model '{spec.name}': source must be gguf, pretrained or random, not '{spec.source}'")
+    _check_architecture(spec, config)
+    return config
 
 
 def _hub_config(spec: ModelSpec) -> Path:

@@ -50,6 +50,7 @@ class Plan:
     tasks: list[Task]
     data_dir: Path
     store: ResultStore
+    context: int | None = None  # the model's max_position_embeddings, when known before loading
 
 
 def plan(cfg: DictConfig, check_model: bool = True) -> Plan:
@@ -62,20 +63,29 @@ def plan(cfg: DictConfig, check_model: bool = True) -> Plan:
     policy.check_budget(budget)
     check_kernel(cfg.attention, cfg.device, cfg.dtype)
     spec = models.ModelSpec(**OmegaConf.to_container(cfg.model, resolve=True))
-    if check_model:
-        models.check_available(spec)
+    config = models.check_available(spec) if check_model else None
+    context = (config or {}).get("max_position_embeddings")
     data_dir = Path(cfg.data_dir).expanduser()
     tasks = instantiate(cfg.task).subtasks()
     for task in tasks:
         task.check_data(data_dir)
         longest = max(getattr(task, "lengths", None) or [0])
-        if not truncates(task) and longest > spec.max_prompt_tokens:
+        limit = prompt_limit(spec, task, context)
+        if not truncates(task) and limit is not None and longest > limit:
             raise UserError(
                 f"task '{task.name}' would be truncated: length {longest} is over model '{spec.name}''s "
-                f"max_prompt_tokens={spec.max_prompt_tokens} ({spec.max_prompt_tokens_source or 'its limit'}); "
+                f"max_prompt_tokens={limit} ({spec.max_prompt_tokens_source or 'its limit'}); "
                 "its score depends on the whole prompt, so use shorter task.lengths"
             )
-    return Plan(cfg, spec, policy, budget, tasks, data_dir, ResultStore(cfg.results_dir))
+    return Plan(cfg, spec, policy, budget, tasks, data_dir, ResultStore(cfg.results_dir), context)
+
+
+def prompt_limit(spec: models.ModelSpec, task: Task, context: int | None) -> int | None:
+    """The prompt tokens a task may use: ``max_prompt_tokens``, or when that is null the model's context minus the
+    task's generation length (None while the context is not known)."""
+    if spec.max_prompt_tokens is not None:
+        return spec.max_prompt_tokens
+    return None if context is None else context - task.max_new_tokens
 
 
 def truncates(task: Task) -> bool:
@@ -139,6 +149,7 @@ class Runner:
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         torch.manual_seed(cfg.seed)
         self.model, self.tokenizer = loaded or loaded_model(run.spec, self.device, self.dtype)
+        self.context = getattr(self.model.config, "max_position_embeddings", None) or run.context
         self.stop_ids = _eos_ids(self.model, self.tokenizer)
         run.policy.bind(self.tokenizer)
         self._warm_up()
@@ -208,27 +219,35 @@ class Runner:
         """Refuse (one line, before any prediction) a prompt the model cannot take: over its context
         (``max_position_embeddings``), over ``max_prompt_tokens`` for a task that must not be truncated, or
         without a question to hold out under ``protocol=query_agnostic``."""
-        spec = self.plan.spec
-        context = getattr(self.model.config, "max_position_embeddings", None)
-        if context is not None and spec.max_prompt_tokens > context:
+        spec, context, limit = self.plan.spec, self.context, self.prompt_limit(task)
+        if context is not None and limit > context:
             raise UserError(
-                f"model '{spec.name}': max_prompt_tokens={spec.max_prompt_tokens} is over its context of {context} "
+                f"model '{spec.name}': max_prompt_tokens={limit} is over its context of {context} "
                 "tokens (max_position_embeddings)"
             )
         if self.plan.cfg.protocol == "query_agnostic":  # every question must split off (else an error, now)
             for example in examples:
                 encode(
-                    example, self.tokenizer, task.chat and spec.chat_template, spec.max_prompt_tokens, "query_agnostic"
+                    example, self.tokenizer, task.chat and spec.chat_template, limit, "query_agnostic", spec.chat_format
                 )
         if truncates(task):
             return
         for example in examples:
             n = len(self.tokenizer(example.prompt, add_special_tokens=False)["input_ids"])
-            if n > spec.max_prompt_tokens:
+            if n > limit:
                 raise UserError(
                     f"task '{task.name}', example {example.id}: {n} prompt tokens, over model '{spec.name}''s "
-                    f"max_prompt_tokens={spec.max_prompt_tokens}; this task is not truncated, use shorter lengths"
+                    f"max_prompt_tokens={limit}; this task is not truncated, use shorter lengths"
                 )
+
+    def prompt_limit(self, task: Task) -> int:
+        """``max_prompt_tokens`` for ``task`` (see ``prompt_limit``); the loaded model's context when derived."""
+        limit = prompt_limit(self.plan.spec, task, self.context)
+        if limit is None:
+            raise UserError(
+                f"model '{self.plan.spec.name}' has no max_position_embeddings: set model.max_prompt_tokens"
+            )
+        return limit
 
     def _evaluate(self, task: Task, key: str) -> dict[str, Any]:
         cfg, store = self.plan.cfg, self.plan.store
@@ -256,7 +275,8 @@ class Runner:
     def _run_batch(self, task: Task, examples: list[Example]) -> list[Prediction]:
         cfg, spec = self.plan.cfg, self.plan.spec
         chat = task.chat and spec.chat_template
-        encoded = [encode(ex, self.tokenizer, chat, spec.max_prompt_tokens, cfg.protocol) for ex in examples]
+        limit = self.prompt_limit(task)
+        encoded = [encode(ex, self.tokenizer, chat, limit, cfg.protocol, spec.chat_format) for ex in examples]
         batch: Batch = collate(encoded, self.tokenizer.pad_token_id, self.device)
         engine = self.engine(self.plan.policy, self.plan.budget)
 
@@ -293,12 +313,10 @@ class Runner:
                     prediction=prediction,
                     answers=example.answers,
                     score=task.score(prediction, example),
-                    meta=self._meta(example, encoded[row], chat),
+                    meta=self._meta(example, encoded[row], chat, limit),
                     n_prompt_tokens=prompt_tokens[row],
                     n_prompt_tokens_original=original,  # the user message, before middle truncation
-                    n_prompt_tokens_kept=min(original, 2 * int(spec.max_prompt_tokens / 2))
-                    if original > spec.max_prompt_tokens
-                    else original,
+                    n_prompt_tokens_kept=min(original, 2 * int(limit / 2)) if original > limit else original,
                     n_new_tokens=len(out.tokens[row]),
                     n_decode_tokens=out.n_decode_tokens[row],
                     kv_kept_fraction=float(kept[row]),
@@ -322,13 +340,12 @@ class Runner:
             )
         return records
 
-    def _meta(self, example: Example, parts: list[list[int]], chat: bool) -> dict[str, Any]:
+    def _meta(self, example: Example, parts: list[list[int]], chat: bool, limit: int) -> dict[str, Any]:
         """The example's meta, plus for a needle task where the needle sits in the model input: its token span,
         its measured depth (start / input tokens) and how much of it lies in a window the policy keeps by rule."""
         meta = dict(example.meta)
-        span = (
-            needle_span(example, self.tokenizer, chat, self.plan.spec.max_prompt_tokens) if "needle" in meta else None
-        )
+        fmt = self.plan.spec.chat_format
+        span = needle_span(example, self.tokenizer, chat, limit, fmt) if "needle" in meta else None
         if span is None:
             return meta
         compressed = len(parts[0])
@@ -399,7 +416,7 @@ class Runner:
             seed=int(cfg.seed),
             prefill_eviction=cfg.prefill_eviction,
             chunk_size=int(cfg.chunk_size),
-            max_prompt_tokens=run.spec.max_prompt_tokens,
+            max_prompt_tokens=self.prompt_limit(task),
             sweep_id=cfg.get("sweep_id"),
             slurm_job_id=os.environ.get("SLURM_JOB_ID"),
             git_commit=git_commit(),
