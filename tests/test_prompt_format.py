@@ -8,8 +8,8 @@ import pytest
 
 from kvbench import runner
 from kvbench.batching import encode, render
-from kvbench.config import model_spec
 from kvbench.errors import UserError
+from kvbench.models import model_spec
 from kvbench.tasks.longbench import LongBenchTask
 
 TINY = ["model=tiny_random_llama", "progress=false", "limit=1", "task.max_new_tokens=4"]
