@@ -1,4 +1,6 @@
-"""The only module that touches transformers' attention: ``with attach(model, engine):``.
+"""The only module that touches transformers' attention: ``with attach(model, engine):``, and
+``with capture(model, layers, on_layer):`` (plain causal attention handing each layer's q, k, v, o to a callback:
+LESS training).
 
 kvbench registers its own attention function and calls the model with ``use_cache=False``, so transformers
 keeps no cache at all: each layer's attention receives the new (post-RoPE) keys and values, appends them to
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -331,29 +333,80 @@ def _no_mask(*args, **kwargs) -> None:
     return None
 
 
+def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's attention modules (those transformers calls the attention interface from), in layer order."""
+    return [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "num_key_value_groups")]
+
+
 @contextlib.contextmanager
-def attach(model: torch.nn.Module, engine: Engine) -> Iterator[Engine]:
-    """Route every attention layer of ``model`` through ``engine`` for the duration of the block."""
+def _routed(model: torch.nn.Module, handler: Any) -> Iterator[list[torch.nn.Module]]:
+    """Register kvbench's attention function and route every attention layer to ``handler.attend`` (the engine,
+    or a capture) for the duration of the block; transformers builds no mask (positions decide)."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface
 
     AttentionInterface.register(ATTENTION_NAME, _kvbench_attention)
     AttentionMaskInterface.register(ATTENTION_NAME, _no_mask)
     previous = model.config._attn_implementation
-    modules = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "num_key_value_groups")]
+    modules = attention_modules(model)
     for module in modules:
-        module.kvbench_engine = engine
-    rotary = getattr(getattr(model, "model", model), "rotary_emb", None)
-    if engine.policy.position_shift and (rotary is None or getattr(rotary, "attention_scaling", 1.0) != 1.0):
-        raise UserError("position_shift needs plain RoPE (a rotary_emb without attention scaling)")
-    engine.inv_freq = None if rotary is None else rotary.inv_freq
+        module.kvbench_engine = handler
     model.set_attn_implementation(ATTENTION_NAME)
     try:
-        yield engine
+        yield modules
     finally:
         model.set_attn_implementation(previous)
         for module in modules:
             del module.kvbench_engine
+
+
+@contextlib.contextmanager
+def attach(model: torch.nn.Module, engine: Engine) -> Iterator[Engine]:
+    """Route every attention layer of ``model`` through ``engine`` for the duration of the block."""
+    rotary = getattr(getattr(model, "model", model), "rotary_emb", None)
+    if engine.policy.position_shift and (rotary is None or getattr(rotary, "attention_scaling", 1.0) != 1.0):
+        raise UserError("position_shift needs plain RoPE (a rotary_emb without attention scaling)")
+    engine.inv_freq = None if rotary is None else rotary.inv_freq
+    with _routed(model, engine):
+        yield engine
+
+
+OnLayer = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+@dataclass
+class _Capture:
+    """``capture``'s handler: plain causal SDPA, keeping the selected layers' q, k, v until their output."""
+
+    layers: frozenset[int]
+    pending: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    def attend(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float):
+        if layer_idx in self.layers:
+            self.pending[layer_idx] = (query, key, value)
+        groups = query.shape[1] // key.shape[1]
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scale, enable_gqa=groups > 1)
+        return out.transpose(1, 2).contiguous()
+
+
+@contextlib.contextmanager
+def capture(model: torch.nn.Module, layers: list[int], on_layer: OnLayer) -> Iterator[None]:
+    """Run ``model`` with plain causal attention (no cache, no padding) and, for each layer in ``layers``, call
+    ``on_layer(layer_idx, q, k, v, o)`` once per forward pass: its post-RoPE q [B, H, N, D], k/v [B, Hkv, N, D]
+    and the attention block's output o [B, N, C] (after o_proj), as the model computed them."""
+    handler = _Capture(frozenset(layers))
+
+    def keep_output(module: torch.nn.Module, inputs: Any, output: Any) -> None:
+        query, key, value = handler.pending.pop(module.layer_idx)
+        on_layer(module.layer_idx, query, key, value, output[0])
+
+    with _routed(model, handler) as modules:
+        handles = [m.register_forward_hook(keep_output) for m in modules if m.layer_idx in handler.layers]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
 
 __all__ = [
@@ -362,6 +415,8 @@ __all__ = [
     "Step",
     "attach",
     "attention",
+    "attention_modules",
+    "capture",
     "attention_probs",
     "has_empty",
     "sdpa_masking",
