@@ -1,133 +1,71 @@
 #!/usr/bin/env bash
-# The committed SmolLM2 results (CPU, fp32), in priority order. Every step is resumable: rerunning skips rows
-# already in results.jsonl and resumes half-done tasks from their flushed predictions.
+# The committed SmolLM2 results (CPU, fp32), in priority order. Each sweep step runs presets of
+# kvbench/configs/experiment/smollm2/ (one command each: python -m kvbench -m +experiment=smollm2/<preset>); the
+# LESS steps first train the kernels their presets read. Every step is resumable: rerunning skips rows already in
+# results.jsonl and resumes half-done tasks from their flushed predictions.
 #   scripts/sweep_smollm2.sh [step ...]     steps: baselines longbench ruler bench seed seed6k ruler_all less less_long less_dense less_ppl less_mse
 # Two steps can share the 2 CPU cores as two single-threaded processes (OMP_NUM_THREADS=1); their speed columns
 # then describe that setting, and scripts/bench_decode.py (step bench, run alone) is the speed reference.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
-kv() { $PY -m kvbench "$@" progress=false; }
+presets() { for preset in "$@"; do $PY -m kvbench -m "+experiment=smollm2/$preset" progress=false; done; }
 steps=${*:-baselines longbench ruler bench seed seed6k ruler_all less less_long less_dense less_ppl less_mse}
 kernels_root=${KVBENCH_CACHE:-$HOME/.cache/kvbench}/less
-less_kernels=$kernels_root/smollm2_135m_h2o_0.1/kernels.safetensors
+# kernels DIR [train_less.py arguments]: train the LESS kernels in DIR unless they are there
+kernels() {
+  local dir=$1
+  shift
+  [ -f "$dir/kernels.safetensors" ] || $PY scripts/train_less.py --out "$dir" "$@"
+}
+default_kernels() { [ -f "$kernels_root/smollm2_135m_h2o_0.1/kernels.safetensors" ] || make less-kernels; }
 lambda_8k=$kernels_root/smollm2_135m_lambda_0.3_w12x8192e10  # LESS kernels, Lambda base at 0.3, the model's length
 lambda_8k_kernels() {
-  [ -f "$lambda_8k/kernels.safetensors" ] || $PY scripts/train_less.py --base lambda --budget 0.3 --windows 12 \
-    --window-tokens 8192 --epochs 10 --loss-rows 2048 --spill "${TMPDIR:-/tmp}" --threads 2 --out "$lambda_8k"
+  kernels "$lambda_8k" --base lambda --budget 0.3 --windows 12 --window-tokens 8192 --epochs 10 --loss-rows 2048 \
+    --spill "${TMPDIR:-/tmp}" --threads 2
 }
 h2o_2k=$kernels_root/smollm2_135m_h2o_0.1_w12x2048e10  # LESS kernels for the paper's base (H2O) at 0.1, 2k contexts
 h2o_2k_kernels() {
-  [ -f "$h2o_2k/kernels.safetensors" ] || $PY scripts/train_less.py --base h2o --budget 0.1 --windows 12 \
-    --window-tokens 2048 --epochs 10 --loss-rows 1024 --spill "${TMPDIR:-/tmp}" --threads 2 --out "$h2o_2k"
+  kernels "$h2o_2k" --base h2o --budget 0.1 --windows 12 --window-tokens 2048 --epochs 10 --loss-rows 1024 \
+    --spill "${TMPDIR:-/tmp}" --threads 2
 }
-all_policies=random,knorm,streaming_llm,h2o,scissorhands,tova,snapkv,pyramidkv,corm
-# fixed_capacity (BCT's contract: a capacity m that never grows) runs at absolute budgets, all three rules
-fixed=(+policy=fixed_capacity policy.rule=sliding_window,replace_lowest,merge budget_tokens=256,512,1024)
 for step in $steps; do
   case $step in
-    baselines)  # issue 3: every baseline x budgets 0.1/0.3/0.5, passkey and needle at 2k/4k x 3 depths
-      out=results/sweeps/synthetic_smollm2
-      kv -m task=passkey,needle batch_size=3 results_dir=$out
-      kv -m +policy=random,knorm,streaming_llm,h2o,scissorhands,tova,snapkv,pyramidkv budget=0.1,0.3,0.5 \
-        task=passkey,needle batch_size=3 results_dir=$out ;;
-    seed)  # issue 4: the seed papers' methods on the same grid (CORM native and capped, FastGen's T sweep, LESS)
-      out=results/sweeps/synthetic_smollm2
-      kv -m +policy=corm budget=0.1,0.3,0.5 task=passkey,needle batch_size=3 results_dir=$out
-      kv -m "${fixed[@]}" task=passkey,needle batch_size=3 results_dir=$out
-      kv -m +policy=corm task=passkey,needle batch_size=3 results_dir=$out
-      kv -m +policy=fastgen policy.recovery=0.91,0.93,0.95,0.98 task=passkey,needle batch_size=3 results_dir=$out
-      [ -f "$less_kernels" ] || make less-kernels
-      kv -m +policy=less budget=0.1 task=passkey,needle batch_size=3 results_dir=$out ;;
-    seed6k)  # issue 4: the table's policies at 6k tokens (3 depths), so its grid spans 2k-6k; budget 0.3 first
-      out=results/sweeps/synthetic6k_smollm2
-      six='task.lengths=[6144]'
-      table=h2o,streaming_llm,snapkv,tova,corm
-      kv -m +policy=$table budget=0.3 task=passkey,needle "$six" batch_size=3 results_dir=$out
-      kv -m "${fixed[@]}" task=passkey,needle "$six" batch_size=3 results_dir=$out
-      kv -m task=passkey,needle "$six" batch_size=3 results_dir=$out
-      [ -f "$less_kernels" ] || make less-kernels
-      kv -m +policy=less budget=0.1 task=passkey,needle "$six" batch_size=3 results_dir=$out
-      kv -m +policy=corm task=passkey,needle "$six" batch_size=3 results_dir=$out
-      kv -m +policy=fastgen policy.recovery=0.95 task=passkey,needle "$six" batch_size=3 results_dir=$out
-      kv -m +policy=$table budget=0.1,0.5 task=passkey,needle "$six" batch_size=3 results_dir=$out
-      kv -m +policy=fastgen policy.recovery=0.91,0.93,0.98 task=passkey,needle "$six" batch_size=3 \
-        results_dir=$out ;;
+    baselines)  # issue 3: every baseline x budgets 0.1/0.3/0.5, passkey and needle at 2k/4k
+      presets synthetic_full synthetic_baselines ;;
+    seed)  # issue 4: the seed papers' methods on the same grid (CORM capped and native, BCT, FastGen's T, LESS)
+      default_kernels
+      presets synthetic_corm synthetic_fixed synthetic_corm_native synthetic_fastgen synthetic_less ;;
+    seed6k)  # issue 4: the table's policies at 6k tokens, so its grid spans 2k-6k
+      default_kernels
+      presets synthetic6k_table synthetic6k_fixed synthetic6k_full synthetic6k_less synthetic6k_corm_native \
+        synthetic6k_fastgen ;;
     longbench)  # issue 5: the three offline LongBench tasks, official protocol, full cache and SnapKV at 0.3
-      out=results/sweeps/longbench_smollm2
-      tasks=longbench/multi_news,longbench/multifieldqa_zh,longbench/passage_retrieval_zh
-      kv -m task=$tasks limit=5 batch_size=5 results_dir=$out
-      kv -m +policy=snapkv budget=0.3 task=$tasks limit=5 batch_size=5 results_dir=$out ;;
+      presets longbench_full longbench_snapkv ;;
     ruler)  # issue 5: RULER-style suite at 4k tokens (1 example per task), full cache and two policies at 0.3
-      out=results/sweeps/ruler4k_smollm2
-      kv task=ruler limit=1 results_dir=$out
-      kv -m +policy=snapkv,streaming_llm budget=0.3 task=ruler limit=1 results_dir=$out ;;
-    ruler_all)  # issue 6: the RULER-style suite at 2k and 4k (1 example per task) for every policy, budget 0.3
-      # first, then 0.1 and 0.5
-      for length in 2048 4096; do
-        out=results/sweeps/ruler$((length / 1024))k_smollm2
-        kv task=ruler "task.lengths=[$length]" limit=1 results_dir=$out
-        kv -m +policy=fastgen task=ruler "task.lengths=[$length]" limit=1 results_dir=$out
-        kv -m +policy=$all_policies budget=0.3 task=ruler "task.lengths=[$length]" limit=1 results_dir=$out
-        kv -m "${fixed[@]}" task=ruler "task.lengths=[$length]" limit=1 results_dir=$out
-      done
-      for length in 2048 4096; do
-        out=results/sweeps/ruler$((length / 1024))k_smollm2
-        kv -m +policy=$all_policies budget=0.1,0.5 task=ruler "task.lengths=[$length]" limit=1 results_dir=$out
-      done ;;
+      presets ruler4k_full ruler4k_snapkv_streaming ;;
+    ruler_all)  # issue 6: the RULER-style suite at 2k and 4k (1 example per task) for every policy
+      for k in 2 4; do presets "ruler${k}k_full" "ruler${k}k_fastgen" "ruler${k}k_policies" "ruler${k}k_fixed"; done ;;
     less)  # issue 4: LESS beyond the default kernels: H2O base at 0.3 / 0.5 (2k-6k), Lambda base at 0.3 (2k/4k),
-      # LESS vs H2O at 0.1 on LongBench multi_news (ROUGE-L, the paper's kind of task), and H2O 0.1 kernels
-      # trained on longer windows
-      for b in 0.3 0.5; do
-        [ -f "$kernels_root/smollm2_135m_h2o_$b/kernels.safetensors" ] ||
-          $PY scripts/train_less.py --base h2o --budget $b --lr 1e-2 --threads 1
-        kv -m +policy=less budget=$b policy.kernels=$kernels_root/smollm2_135m_h2o_$b task=passkey,needle \
-          batch_size=3 results_dir=results/sweeps/synthetic_smollm2
-        kv -m +policy=less budget=$b policy.kernels=$kernels_root/smollm2_135m_h2o_$b task=passkey,needle \
-          'task.lengths=[6144]' batch_size=3 results_dir=results/sweeps/synthetic6k_smollm2
-      done
-      for suffix in "" _w24x1024e6; do  # the script's defaults, then 24 windows x 1024 tokens x 6 epochs
-        lambda_kernels=$kernels_root/smollm2_135m_lambda_0.3$suffix
-        [ -z "$suffix" ] && train=() || train=(--windows 24 --window-tokens 1024 --epochs 6 --out "$lambda_kernels")
-        [ -f "$lambda_kernels/kernels.safetensors" ] ||
-          $PY scripts/train_less.py --base lambda --budget 0.3 --threads 1 "${train[@]}"
-        kv -m +policy=less policy.base=lambda policy.kernels=$lambda_kernels budget=0.3 task=passkey,needle \
-          results_dir=results/sweeps/synthetic_smollm2
-      done
-      [ -f "$less_kernels" ] || make less-kernels
-      kv -m +policy=h2o,less budget=0.1 task=longbench/multi_news limit=5 batch_size=5 \
-        results_dir=results/sweeps/longbench_smollm2
-      long_kernels=$kernels_root/smollm2_135m_h2o_0.1_w12x2048e4  # H2O 0.1 trained on 2048-token windows
-      [ -f "$long_kernels/kernels.safetensors" ] || $PY scripts/train_less.py --base h2o --budget 0.1 --lr 1e-2 \
-        --threads 1 --windows 12 --window-tokens 2048 --epochs 4 --out "$long_kernels"
-      kv -m +policy=less budget=0.1 policy.kernels=$long_kernels task=longbench/multi_news limit=5 batch_size=5 \
-        results_dir=results/sweeps/longbench_smollm2
-      kv -m +policy=less budget=0.1 policy.kernels=$long_kernels task=passkey,needle batch_size=3 \
-        results_dir=results/sweeps/synthetic_smollm2 ;;
-    less_long)  # issue 4: LESS (Lambda base, 0.3) with kernels trained on windows of the model's full length (8192
-      # tokens, the paper's choice; captures spilled to disk), on passkey/needle 2k-6k against StreamingLLM
+      # LESS vs H2O at 0.1 on LongBench multi_news, and H2O 0.1 kernels trained on longer windows
+      for b in 0.3 0.5; do kernels "$kernels_root/smollm2_135m_h2o_$b" --base h2o --budget $b --lr 1e-2 --threads 1; done
+      presets less_h2o_budgets less_h2o_budgets_6k
+      kernels "$kernels_root/smollm2_135m_lambda_0.3" --base lambda --budget 0.3 --threads 1
+      kernels "$kernels_root/smollm2_135m_lambda_0.3_w24x1024e6" --base lambda --budget 0.3 --threads 1 \
+        --windows 24 --window-tokens 1024 --epochs 6
+      presets less_lambda less_lambda_w24x1024e6
+      default_kernels
+      presets less_longbench
+      kernels "$kernels_root/smollm2_135m_h2o_0.1_w12x2048e4" --base h2o --budget 0.1 --lr 1e-2 --threads 1 \
+        --windows 12 --window-tokens 2048 --epochs 4
+      presets less_longbench_w2048 less_w2048 ;;
+    less_long)  # issue 4: LESS (Lambda base, 0.3) with kernels trained on windows of the model's full length
       lambda_8k_kernels
-      kv -m +policy=less policy.base=lambda policy.kernels=$lambda_8k budget=0.3 task=passkey,needle batch_size=3 \
-        results_dir=results/sweeps/synthetic_smollm2
-      kv -m +policy=less policy.base=lambda policy.kernels=$lambda_8k budget=0.3 task=passkey,needle \
-        'task.lengths=[6144]' batch_size=3 results_dir=results/sweeps/synthetic6k_smollm2 ;;
-    less_dense)  # issue 4: LESS against its base on a denser passkey/needle grid (11 depths, 3 passkeys per cell):
-      # Lambda 0.3 (8192-token kernels) at 2k/4k, H2O 0.1 at 2k; tasks renamed so their rows stay apart from the
-      # 3-depth grid
-      out=results/sweeps/less_dense_smollm2
+      presets less_lambda_8k less_lambda_8k_6k ;;
+    less_dense)  # issue 4: LESS against its base on a denser passkey/needle grid (11 depths)
       lambda_8k_kernels
-      depths='task.depths=[0.05,0.15,0.25,0.35,0.45,0.55,0.65,0.7,0.75,0.85,0.95]'
-      for policy in "" "+policy=streaming_llm budget=0.3" \
-        "+policy=less policy.base=lambda policy.kernels=$lambda_8k budget=0.3"; do
-        kv $policy task=passkey task.name=passkey_dense task.n_per_cell=3 "$depths" batch_size=3 results_dir=$out
-        kv $policy task=needle task.name=needle_dense "$depths" batch_size=3 results_dir=$out
-      done
       h2o_2k_kernels
-      for policy in "+policy=h2o budget=0.1" "+policy=less policy.kernels=$h2o_2k budget=0.1"; do
-        kv $policy task=passkey task.name=passkey_dense task.n_per_cell=3 "$depths" 'task.lengths=[2048]' \
-          batch_size=3 results_dir=$out
-        kv $policy task=needle task.name=needle_dense "$depths" 'task.lengths=[2048]' batch_size=3 results_dir=$out
-      done ;;
+      presets dense_passkey dense_needle ;;
     less_ppl)  # issue 4: perplexity of held-out text (multi_news) under LESS against its base and the base at
       # LESS's memory (plus R/2 = 4 entries per head), the paper's Table-2 measurement, at 2k and 4k prefixes
       lambda_8k_kernels
@@ -141,10 +79,10 @@ for step in $steps; do
         --out results/less/perplexity_h2o_2k --run full --run "h2o budget=0.1" --run "h2o budget=0.1 plus=4" \
         --run "less budget=0.1 kernels=$h2o_2k" ;;
     less_mse)  # issue 4: held-out attention-output MSE of LESS kernels by context length (results/less)
-      [ -f "$less_kernels" ] || make less-kernels
+      default_kernels
       lambda_short=$kernels_root/smollm2_135m_lambda_0.3
-      [ -f "$lambda_short/kernels.safetensors" ] || $PY scripts/train_less.py --base lambda --budget 0.3 --threads 2
-      $PY scripts/table_less_mse_by_length.py "$(dirname "$less_kernels")" --lengths 512 2048 4096
+      kernels "$lambda_short" --base lambda --budget 0.3 --threads 2
+      $PY scripts/table_less_mse_by_length.py "$kernels_root/smollm2_135m_h2o_0.1" --lengths 512 2048 4096
       lambda_8k_kernels
       $PY scripts/table_less_mse_by_length.py "$lambda_short" "$lambda_8k" --lengths 512 2048 4096 8192
       h2o_2k_kernels

@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import pandas as pd
 
 from kvbench.analysis.tables import markdown
-
-sys.path.insert(0, str(Path(__file__).parent))
-import train_less  # noqa: E402
+from kvbench.training import less as train_less
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

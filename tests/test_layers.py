@@ -9,11 +9,6 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "kvbench"
 # What a module in kvbench/policies/ may import from kvbench (the standard library and torch are fine).
 BELOW_POLICIES = ("kvbench.policies", "kvbench.cache", "kvbench.engine.kernels", "kvbench.errors", "kvbench.labels")
-ALLOWED = {
-    # removed by r18-less: LESS's kernels path comes in as config
-    ("kvbench.policies.less", "kvbench.config"),
-    ("kvbench.policies.less", "kvbench.models"),
-}
 
 
 def modules() -> dict[str, Path]:
@@ -90,6 +85,5 @@ def test_policies_import_only_what_lies_below_them():
         if name.startswith("kvbench.policies")
         for target in sorted(targets)
         if not any(target == low or target.startswith(low + ".") for low in BELOW_POLICIES)
-        and (name, target) not in ALLOWED
     ]
     assert upward == []

@@ -1,4 +1,6 @@
-"""The only module that touches transformers' attention: ``with attach(model, engine):``.
+"""The only module that touches transformers' attention: ``with attach(model, engine):``, and
+``with capture(model, layers, on_layer):`` (plain causal attention handing each layer's q, k, v, o to a callback:
+LESS training).
 
 kvbench registers its own attention function and calls the model with ``use_cache=False``, so transformers
 keeps no cache at all: each layer's attention receives the new (post-RoPE) queries, keys and values and the
@@ -12,11 +14,14 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from kvbench.engine.engine import Engine
 from kvbench.errors import UserError
 
 ATTENTION_NAME = "kvbench"
+CAPTURE_NAME = "kvbench_capture"
+OnLayer = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
 def _kvbench_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -68,4 +73,33 @@ def attach(model: torch.nn.Module, engine: Engine) -> Iterator[Engine]:
             del module.kvbench_engine
 
 
-__all__ = ["ATTENTION_NAME", "attach", "attention_modules"]
+@contextlib.contextmanager
+def capture(model: torch.nn.Module, layers: list[int], on_layer: OnLayer) -> Iterator[None]:
+    """Run ``model`` with plain causal attention (no cache, no padding) and, for each layer in ``layers``, call
+    ``on_layer(layer_idx, q, k, v, o)`` once per forward pass: its post-RoPE q [B, H, N, D], k/v [B, Hkv, N, D]
+    and the attention block's output o [B, N, C] (after o_proj), as the model computed them."""
+    selected = frozenset(layers)
+    pending: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        if module.layer_idx in selected:
+            pending[module.layer_idx] = (query, key, value)
+        groups = query.shape[1] // key.shape[1]
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling, enable_gqa=groups > 1)
+        return out.transpose(1, 2).contiguous(), None
+
+    def keep_output(module: torch.nn.Module, inputs: Any, output: Any) -> None:
+        query, key, value = pending.pop(module.layer_idx)
+        on_layer(module.layer_idx, query, key, value, output[0])
+
+    modules = [m for m in attention_modules(model) if m.layer_idx in selected]
+    handles = [m.register_forward_hook(keep_output) for m in modules]
+    try:
+        with _routed(model, CAPTURE_NAME, attention):
+            yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+__all__ = ["ATTENTION_NAME", "attach", "attention_modules", "capture"]

@@ -83,14 +83,14 @@ class LongBenchTask(Task):
 
     ``source``: ``local`` reads ``<data_dir>/longbench/<subset>[_e].jsonl``; ``hub`` reads the member
     ``data/<subset>[_e].jsonl`` of ``THUDM/LongBench``'s ``data.zip`` at ``revision`` (downloaded once into the hub
-    cache); ``auto`` uses the local file when present, else the hub. ``name``, ``max_new_tokens``, ``chat`` and
-    ``stop`` default to the official values.
+    cache); ``auto`` uses the local file when present, else the hub. ``name``, ``revision`` (``REVISION``),
+    ``max_new_tokens``, ``chat`` and ``stop`` default (when None) to the official values.
     """
 
     subset: str = ""
     e: bool = False
     source: str = "auto"
-    revision: str = REVISION
+    revision: str | None = REVISION
     name: str = ""
     max_new_tokens: int | None = None
     chat: bool | None = None
@@ -110,6 +110,8 @@ class LongBenchTask(Task):
             self.name = expected
         elif self.name != expected:
             raise UserError(f"task name '{self.name}' does not match subset={self.subset} e={self.e}: use '{expected}'")
+        if self.revision is None:
+            self.revision = REVISION
         if self.max_new_tokens is None:
             self.max_new_tokens = max_gen_tokens(self.subset)
         if self.chat is None:

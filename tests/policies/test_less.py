@@ -1,16 +1,14 @@
 """LESS: the state update and the combined attention against a dense reference, exactness with nothing
-evicted, strict kernel loading, and a few-step training run of scripts/train_less.py."""
+evicted, strict kernel loading, and a few-step training run of kvbench.training.less (scripts/train_less.py)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 
 import pytest
 import torch
 
-from kvbench.config import CONFIG_DIR
 from kvbench.engine.engine import Engine, Step
 from kvbench.errors import UserError
 from kvbench.policies.base import Budget
@@ -21,10 +19,9 @@ from .test_matrix import essay_ids, run
 
 
 def load_trainer():
-    spec = importlib.util.spec_from_file_location("train_less", CONFIG_DIR.parents[1] / "scripts" / "train_less.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from kvbench.training import less
+
+    return less
 
 
 def write_random_kernels(path, n_heads, n_kv_heads, dim, rank=4, hidden=16, base="h2o", model=None):
@@ -227,3 +224,90 @@ def test_evaluate_measures_saved_kernels_on_longer_held_out_windows(tiny_kernels
     assert sorted(report["val_mse"]) == ["0", "1", "2", "3"]
     assert all(math.isfinite(v) and v >= 0 for layer in report["val_mse"].values() for v in layer.values())
     assert report["val_mse_mean"]["plus"] <= report["val_mse_mean"]["base"]  # more held tokens, less error
+
+
+def test_capture_hands_over_what_the_model_computes(tiny):
+    from kvbench.engine.hooks import capture
+
+    model, _ = tiny
+    ids = torch.randint(0, model.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(1))
+    outputs, seen = {}, {}
+    attention = [model.model.layers[i].self_attn for i in (1, 3)]
+    handles = [m.register_forward_hook(lambda m, a, out: outputs.__setitem__(m.layer_idx, out[0])) for m in attention]
+    with torch.no_grad():
+        model.model(input_ids=ids, use_cache=False)
+    for handle in handles:
+        handle.remove()
+    previous = model.config._attn_implementation
+    with torch.no_grad(), capture(model, [1, 3], lambda i, *tensors: seen.setdefault(i, []).append(tensors)):
+        model.model(input_ids=ids, use_cache=False)
+    assert model.config._attn_implementation == previous
+    assert not any(hasattr(module, "kvbench_engine") for module in model.modules())
+    assert sorted(seen) == [1, 3] and all(len(calls) == 1 for calls in seen.values())
+    for module in attention:
+        ((q, k, v, o),) = seen[module.layer_idx]
+        assert (
+            q.shape[:3] == (2, model.config.num_attention_heads, 20)
+            and k.shape[1] == v.shape[1] == model.config.num_key_value_heads
+        )
+        torch.testing.assert_close(o, outputs[module.layer_idx])  # the model's own (sdpa) attention block
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=module.scaling,
+                                                               enable_gqa=True)  # fmt: skip
+        torch.testing.assert_close(module.o_proj(out.transpose(1, 2).reshape(o.shape)), o)
+
+
+def reference_held(scores_of, n, heads, budget, args, extra, sequential):
+    """The trainer's former own selection (top_capacity over its own H2O/Lambda scores and protected slots)."""
+    from kvbench.policies.base import top_capacity
+
+    def protected(positions, seen, capacity):
+        if args.base == "h2o":
+            return positions >= (seen - torch.floor(capacity * args.recent_fraction).long())[:, None, None]
+        return positions < args.n_sink
+
+    def lambda_score(positions):
+        return torch.where(positions < args.n_sink, -positions, positions).float()
+
+    if not sequential:
+        probs = scores_of
+        rows = torch.arange(n)
+        columns = torch.cumsum(probs, dim=1) - probs
+        capacity = budget.capacity(rows.clamp(min=1)) + extra
+        positions = rows[None, None, :].expand(n, heads, n)
+        scores = columns.transpose(0, 1) if args.base == "h2o" else lambda_score(positions)
+        held = top_capacity(scores, capacity, positions < rows[:, None, None], protected(positions, rows, capacity))
+        return (held | (positions == rows[:, None, None])).transpose(0, 1)
+    logits = scores_of
+    held, scores = torch.zeros(heads, n, dtype=torch.bool), torch.zeros(heads, n)
+    positions = torch.arange(n)[None, None, :].expand(1, heads, n)
+    mask = torch.zeros(heads, n, n, dtype=torch.bool)
+    for t in range(n):
+        held[:, t] = True
+        mask[:, t] = held
+        scores += torch.softmax(logits[:, :, t].masked_fill(~held[:, None], -math.inf), -1).mean(1)
+        seen = torch.tensor([t + 1])
+        capacity = budget.capacity(seen) + extra
+        if int(held.sum(-1).max()) > int(capacity):
+            score = scores if args.base == "h2o" else lambda_score(positions[0])
+            held &= top_capacity(score[None].float(), capacity, held[None], protected(positions, seen, capacity))[0]
+            scores = scores.masked_fill(~held, 0.0)
+    return mask
+
+
+@pytest.mark.parametrize("base", ["h2o", "lambda"])
+@pytest.mark.parametrize(("budget", "extra"), [(0.1, 0), (0.3, 4), (0.6, 0)])
+def test_the_base_held_set_is_the_policies_selection(base, budget, extra):
+    """The trainer's held sets come from H2OPolicy / StreamingLLMPolicy.select: equal to its former own copy."""
+    trainer = load_trainer()
+    args = trainer.parse_args(["--base", base, "--budget", str(budget), "--n-sink", "3", "--recent-fraction", "0.3"])
+    heads, group, n = 2, 2, 48
+    torch.manual_seed(0)
+    logits = torch.randn(heads, group, n, n) * 3
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    probs = torch.softmax(logits.masked_fill(~causal, -math.inf), -1).mean(1)
+    fraction = Budget("fraction", budget)
+    prefill = trainer._prefill(probs, fraction, args, extra)
+    assert torch.equal(prefill, reference_held(probs, n, heads, fraction, args, extra, sequential=False))
+    sequential = trainer._sequential(logits, fraction, args, extra)
+    assert torch.equal(sequential, reference_held(logits, n, heads, fraction, args, extra, sequential=True))
+    assert not bool(prefill.all()) and not bool(sequential[..., :-1].tril().all())  # something was evicted

@@ -1,64 +1,23 @@
 """LESS, Low-rank Embedding Sidekick with Sparse policy (Dong et al. 2024, arXiv 2402.09398): a sparse
-policy whose evicted KV pairs are folded into a learned constant-size state that still takes part in attention."""
+policy whose evicted KV pairs are folded into a learned constant-size state that still takes part in attention.
+
+The package is a leaf: the policy (here), its kernels' I/O (``kernels.py``); training is ``kvbench.training.less``.
+"""
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from kvbench.cache import LayerCache
-from kvbench.config import CONFIG_DIR
 from kvbench.engine.kernels import ROW_BLOCK, visible
 from kvbench.errors import UserError
 from kvbench.policies.base import Context, Needs, Policy
 from kvbench.policies.h2o import H2OPolicy
+from kvbench.policies.less.kernels import BASES, TRAIN_HINT, Kernels, load_kernels
 from kvbench.policies.streaming_llm import StreamingLLMPolicy
-
-BASES = ("h2o", "lambda")
-TRAIN_HINT = "train them with `python scripts/train_less.py --model <name> --base <base> --budget <b>`"
-
-
-class Kernels(torch.nn.Module):
-    """The feature maps of one layer (methods.md §2(a)): phi per query head, psi per KV head, rank R.
-
-    phi(q) = |gelu(gelu(q W1) W2)|;  psi(k): u = |s1| * gelu(gelu(k W1) W2), u = u + (u Wint) * s2, psi = |u|.
-    No biases (the spec's formulas have none). Dropout acts on the first layer's output while training.
-    """
-
-    def __init__(self, n_heads: int, n_kv_heads: int, head_dim: int, rank: int, hidden: int, dropout: float = 0.0):
-        super().__init__()
-        self.dropout = dropout
-
-        def linear(heads: int, fan_in: int, fan_out: int) -> torch.nn.Parameter:
-            bound = 1 / math.sqrt(fan_in)  # nn.Linear's default init
-            return torch.nn.Parameter(torch.empty(heads, fan_in, fan_out).uniform_(-bound, bound))
-
-        self.q1, self.q2 = linear(n_heads, head_dim, hidden), linear(n_heads, hidden, rank)
-        self.k1, self.k2 = linear(n_kv_heads, head_dim, hidden), linear(n_kv_heads, hidden, rank)
-        self.k_int = linear(n_kv_heads, rank, rank)
-        self.s1 = torch.nn.Parameter(torch.full((n_kv_heads, rank), 1e-4))
-        self.s2 = torch.nn.Parameter(torch.full((n_kv_heads, rank), 1e-4))
-
-    def _mlp(self, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
-        hidden = F.gelu(torch.einsum("bhnd,hde->bhne", x, w1))
-        hidden = F.dropout(hidden, self.dropout, self.training)
-        return F.gelu(torch.einsum("bhne,her->bhnr", hidden, w2))
-
-    def phi(self, queries: torch.Tensor) -> torch.Tensor:
-        """queries [B, H, q, D] (post-RoPE) -> features [B, H, q, R], non-negative."""
-        return self._mlp(queries, self.q1, self.q2).abs()
-
-    def psi(self, keys: torch.Tensor) -> torch.Tensor:
-        """keys [B, Hkv, T, D] (post-RoPE) -> features [B, Hkv, T, R], non-negative."""
-        u = self.s1.abs()[None, :, None] * self._mlp(keys, self.k1, self.k2)
-        u = u + torch.einsum("bhnr,hrs->bhns", u, self.k_int) * self.s2[None, :, None]
-        return u.abs()
 
 
 def combine(
@@ -76,13 +35,6 @@ def combine(
     return numerator / denominator
 
 
-def default_kernels_dir(model: str, base: str, budget: float) -> Path:
-    """Where ``scripts/train_less.py`` writes by default (``kvbench/configs/policy/less.yaml`` points here)."""
-    from kvbench.models import cache_root
-
-    return cache_root() / "less" / f"{model}_{base}_{budget:g}"
-
-
 @dataclass
 class LESSPolicy(Policy):
     """A sparse policy (H2O, or Lambda = sinks + recent) plus, per layer and KV head, a learned state
@@ -95,7 +47,8 @@ class LESSPolicy(Policy):
     0.025 + 0.025 of 4096); the state is held in ``layer.extra`` in fp32 and counted in kv_bytes:
     R (D + 1) floats per KV head, about R/2 token-equivalents against an fp32 cache (R against bf16).
     Kernels are trained per model, base and budget by ``scripts/train_less.py``; ``kernels`` is the directory
-    holding ``kernels.safetensors`` + ``manifest.json`` (relative paths are from the repository root).
+    holding ``kernels.safetensors`` + ``manifest.json``, given by the config (``configs/policy/less.yaml``:
+    under ``${KVBENCH_CACHE}``, default ``~/.cache/kvbench``; relative paths are from the working directory).
     GQA (deviation; the paper is MHA/MQA): the state is per KV head, phi per query head of the group.
     """
 
@@ -209,30 +162,4 @@ class LESSPolicy(Policy):
         return torch.cat(blocks, dim=2).to(output.dtype)
 
 
-def resolve(path: str) -> Path:
-    candidate = Path(path).expanduser()
-    return candidate if candidate.is_absolute() else CONFIG_DIR.parent.parent / candidate
-
-
-def load_kernels(kernels: str | None, base: str, rank: int, model: str | None) -> tuple[list[Kernels], dict[str, Any]]:
-    """Read ``kernels.safetensors`` + ``manifest.json`` from the directory ``kernels`` and check them."""
-    if kernels is None:
-        raise UserError(f"less needs trained kernels: set policy.kernels=<dir>, or {TRAIN_HINT}")
-    root = resolve(kernels)
-    if not (root / "manifest.json").is_file() or not (root / "kernels.safetensors").is_file():
-        raise UserError(f"less: no kernels.safetensors + manifest.json in {root}; {TRAIN_HINT}")
-    manifest = json.loads((root / "manifest.json").read_text())
-    for key, wanted in (("base", base), ("rank", rank), ("model", model)):
-        if wanted is not None and manifest.get(key) != wanted:
-            raise UserError(f"less: kernels in {root} were trained for {key}={manifest.get(key)}, not {wanted}")
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(root / "kernels.safetensors"))
-    layers = []
-    for index in range(int(manifest["n_layers"])):
-        layer = Kernels(
-            manifest["n_heads"], manifest["n_kv_heads"], manifest["head_dim"], manifest["rank"], manifest["hidden"]
-        )
-        layer.load_state_dict({name: tensors[f"layers.{index}.{name}"] for name, _ in layer.named_parameters()})
-        layers.append(layer.eval().requires_grad_(False))
-    return layers, manifest
+__all__ = ["BASES", "TRAIN_HINT", "Kernels", "LESSPolicy", "combine", "load_kernels"]

@@ -1,0 +1,1 @@
+"""Training code above the policies (LESS kernels: ``kvbench.training.less``)."""
