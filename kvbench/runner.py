@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
@@ -37,7 +38,7 @@ from kvbench.measure import peak_kind
 from kvbench.policies.base import Budget, Policy
 from kvbench.policies.full import FullCache
 from kvbench.store import ResultStore
-from kvbench.tasks.base import Example, Task
+from kvbench.tasks.base import Example, Task, check_ids, select
 
 FAULT_ENV = "KVBENCH_TEST_FAULT_SEED"  # test only: see Runner._fault_hook
 # Keys that do not change what a run computes; they stay out of the configuration hash.
@@ -63,7 +64,7 @@ def plan(cfg: DictConfig, check_model: bool = True) -> Plan:
     check_settings(cfg)
     check_fields(models.ModelSpec, OmegaConf.to_container(cfg.model, resolve=True), prefix="model.")
     budget = Budget.from_config(cfg.budget, cfg.get("budget_tokens"))
-    policy = instantiate(cfg.policy) if cfg.get("policy") is not None else FullCache()
+    policy = build(cfg.policy) if cfg.get("policy") is not None else FullCache()
     if policy.needs_budget and budget.kind == "none":
         raise UserError(f"policy '{policy.name}' needs a budget: add budget=<fraction in (0, 1]> or budget_tokens=<n>")
     if getattr(policy, "budget_free", False) and budget.kind != "none":
@@ -75,9 +76,12 @@ def plan(cfg: DictConfig, check_model: bool = True) -> Plan:
     if check_model:
         models.check_available(spec)
     data_dir = Path(cfg.data_dir).expanduser()
-    tasks = instantiate(cfg.task).subtasks()
+    tasks = build(cfg.task).subtasks()
     for task in tasks:
         task.check_data(data_dir)
+        known = task.example_ids(data_dir) if cfg.get("ids") is not None else None
+        if known is not None:  # else checked once the examples are built (they need the tokenizer)
+            check_ids(task.name, cfg.ids, known)
         longest = max(getattr(task, "lengths", None) or [0])
         if not truncates(task) and longest > spec.max_prompt_tokens:
             raise UserError(
@@ -86,6 +90,16 @@ def plan(cfg: DictConfig, check_model: bool = True) -> Plan:
                 "its score depends on the whole prompt, so use shorter task.lengths"
             )
     return Plan(cfg, spec, policy, budget, tasks, data_dir, ResultStore(cfg.results_dir))
+
+
+def build(node: DictConfig) -> Any:
+    """``instantiate``, with a ``UserError`` the class raises (bad field values) passed on as it is."""
+    try:
+        return instantiate(node)
+    except InstantiationException as error:
+        if isinstance(error.__cause__, UserError):
+            raise error.__cause__ from None
+        raise
 
 
 def truncates(task: Task) -> bool:
@@ -97,6 +111,10 @@ def truncates(task: Task) -> bool:
 def config_hash(cfg: DictConfig, task: Task) -> str:
     """Stable hash of what determines a row's numbers (model, policy, budget, task, protocol, ...)."""
     content = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in UNHASHED}
+    if content.get("ids") is None:  # all examples: the hash of a configuration from before ``ids`` existed
+        content.pop("ids", None)
+    else:  # the same examples, however listed
+        content["ids"] = sorted({str(i) for i in content["ids"]})
     content["task"] = {"name": task.name, **{k: v for k, v in vars(task).items() if not k.startswith("_")}}
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -270,9 +288,7 @@ class Runner:
     def _evaluate(self, task: Task, key: str) -> dict[str, Any]:
         cfg, store = self.plan.cfg, self.plan.store
         repair = store.damaged(key)
-        examples = list(task.examples(self.plan.data_dir, self.tokenizer))
-        if cfg.limit is not None:
-            examples = examples[: int(cfg.limit)]
+        examples = select(task.name, list(task.examples(self.plan.data_dir, self.tokenizer)), cfg.get("ids"), cfg.limit)
         self._check_context(task, examples)
         done = store.predictions(key)
         todo = [example for example in examples if example.id not in done]
@@ -490,15 +506,24 @@ def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> set[int]:
     return ids
 
 
-def run(cfg: DictConfig, loaded: tuple[torch.nn.Module, Any] | None = None) -> list[dict[str, Any]]:
+def run(cfg: DictConfig, loaded: tuple[torch.nn.Module, Any] | None = None, logger: Any = None) -> list[dict[str, Any]]:
     """Validate, load once (or use ``loaded``, a (model, tokenizer) pair), evaluate every task of the
     configuration; returns its rows (failed ones included: a task that fails at run time gets a
-    ``status="failed"`` row and the other tasks still run)."""
+    ``status="failed"`` row and the other tasks still run). ``logger`` (kvbench.loggers) starts once the
+    configuration is valid, before the model loads, and gets each row as soon as its task is done."""
     validated = plan(cfg, check_model=loaded is None)
     pending = [task for task in validated.tasks if not validated.store.has_row(config_hash(cfg, task))]
     finished = {config_hash(cfg, task) for task in validated.tasks} - {config_hash(cfg, task) for task in pending}
     rows = [row for row in validated.store.rows() if row["config_hash"] in finished]
+    if logger is not None:
+        logger.start(cfg)
+        logger.log_rows(cfg, rows)
     if pending:
         runner = Runner(validated, loaded)
-        rows += [row for row in (runner.run_task(task) for task in pending) if row is not None]
+        for task in pending:
+            row = runner.run_task(task)
+            if row is not None:
+                rows.append(row)
+                if logger is not None:
+                    logger.log_rows(cfg, [row])
     return rows
