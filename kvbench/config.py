@@ -232,15 +232,15 @@ def check_settings(cfg: Any) -> None:
     for group in ("policy", "task"):
         node = cfg.get(group)
         if node is not None and "_target_" in node:
-            from hydra.utils import get_class
+            import importlib
 
+            module, _, name = str(node._target_).rpartition(".")
             try:
-                cls = get_class(node._target_)
+                cls = getattr(importlib.import_module(module), name)
             except Exception as error:  # a class of your own whose module is not on PYTHONPATH, a typo
-                cause = error.__cause__ or error
-                first = (str(cause).strip().splitlines() or [""])[0]
+                first = (str(error).strip().splitlines() or [""])[0]
                 raise UserError(
-                    f"{group} '{node._target_}' cannot be imported ({type(cause).__name__}: {first}); "
+                    f"{group} '{node._target_}' cannot be imported ({type(error).__name__}: {first}); "
                     "is its module on PYTHONPATH?"
                 ) from None
             if dataclasses.is_dataclass(cls):
