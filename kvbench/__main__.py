@@ -16,22 +16,49 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from kvbench.config import CONFIG_DIR, GROUPS, check_option
+from kvbench.config import CONFIG_DIR, GROUPS, check_option, config_dirs, env_search_path
 from kvbench.errors import UserError
 from kvbench.report import print_rows
 from kvbench.runner import run
 from kvbench.store import failed
+from kvbench.sweep import print_sweep, record_point
 
 GROUP_OVERRIDE = re.compile(rf"^[+~]*({'|'.join(GROUPS)})=(.+)$")
+SEARCHPATH = re.compile(r"^[+~]*hydra\.searchpath=")
+
+
+def command_line_search_path(argv: list[str]) -> list[str] | None:
+    """The entries of a ``hydra.searchpath=[...]`` override in ``argv``, None when there is none."""
+    arg = next((arg for arg in argv if SEARCHPATH.match(arg)), None)
+    if arg is None:
+        return None
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    value = OverridesParser.create().parse_override(arg).value()
+    if not isinstance(value, list) or not all(isinstance(entry, str) for entry in value):
+        raise UserError(f"hydra.searchpath must be a list of folders, e.g. hydra.searchpath=[file:///abs/dir]: {arg}")
+    return value
+
+
+def with_env_search_path(argv: list[str]) -> list[str]:
+    """``argv`` with ``KVBENCH_CONFIG_PATH``'s folders added after those of its ``hydra.searchpath`` override
+    (which, in Hydra, replaces config.yaml's: the environment's folders would be lost)."""
+    entries, env = command_line_search_path(argv), env_search_path()
+    if entries is None or not env:
+        return argv
+    merged = ",".join(f"'{entry}'" for entry in [*entries, *(e for e in env if e not in entries)])
+    return [f"hydra.searchpath=[{merged}]" if SEARCHPATH.match(arg) else arg for arg in argv]
 
 
 def check_group_overrides(argv: list[str]) -> None:
-    """Reject ``policy=nope`` (and each item of ``policy=a,b``) with the list of valid options."""
+    """Reject ``policy=nope`` (and each item of ``policy=a,b``) with the list of valid options, those of the
+    config folders added by ``hydra.searchpath`` / ``KVBENCH_CONFIG_PATH`` included."""
+    dirs = config_dirs(command_line_search_path(argv))
     for arg in argv:
         match = GROUP_OVERRIDE.match(arg)
         if match and not re.search(r"[()\[\]$]", match.group(2)):
             for name in match.group(2).split(","):
-                check_option(match.group(1), name)
+                check_option(match.group(1), name, dirs)
 
 
 class PointFailed(Exception):
@@ -45,11 +72,11 @@ def _multirun() -> bool:
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="config")
 def main(cfg: DictConfig) -> None:
     """Run one configuration. Exit 2 on bad input, 1 when a task failed at run time (its row says why); in a
-    multirun both raise ``PointFailed`` instead, so the sweep goes on and Hydra exits non-zero at its end."""
+    multirun both raise ``PointFailed`` instead, so the sweep goes on and Hydra exits non-zero at its end.
+    A multirun's points print no table: the sweep prints one, of all its points, at its end."""
     logger = instantiate(cfg.logger)
     try:
-        rows = run(cfg)
-        logger.log_rows(cfg, rows)
+        rows = run(cfg, logger=logger)
     except UserError as error:
         print(f"kvbench: error: {error}", file=sys.stderr)
         if _multirun():
@@ -57,7 +84,10 @@ def main(cfg: DictConfig) -> None:
         sys.exit(2)
     finally:
         logger.finish()
-    print_rows(rows)
+    if _multirun():
+        record_point(rows)
+    else:
+        print_rows(rows)
     failures = [f"{row['task']}: {row['reason']}" for row in rows if failed(row)]
     if failures:
         print(f"kvbench: error: failed: {'; '.join(failures)}", file=sys.stderr)
@@ -89,9 +119,10 @@ def points(argv: list[str]) -> list[list[str]] | None:
     return batch
 
 
-def validate(argv: list[str]) -> None:
+def validate(argv: list[str]) -> list[list[str]] | None:
     """Compose and check every point (``runner.plan``) before Hydra starts: a bad point refuses the whole
-    sweep, naming the point, and nothing is written (Hydra's ``.hydra/`` included)."""
+    sweep, naming the point, and nothing is written (Hydra's ``.hydra/`` included). Returns the points
+    (None where Hydra handles the command itself, or reports a malformed override)."""
     from hydra import compose, initialize_config_dir
 
     from kvbench.runner import plan
@@ -101,21 +132,22 @@ def validate(argv: list[str]) -> None:
     except UserError:
         raise
     except Exception:  # a malformed override: Hydra reports it (and writes nothing)
-        return
+        return None
     if grid is None:
-        return
+        return None
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         for num, overrides in enumerate(grid):
             try:
                 cfg = compose("config", overrides=overrides)
             except Exception:
-                return
+                return None
             try:
                 plan(cfg)
             except UserError as error:
                 if len(grid) > 1:
                     raise UserError(f"grid point #{num} ({' '.join(overrides)}): {error}; nothing was run") from None
                 raise
+    return grid
 
 
 def cli() -> None:
@@ -125,12 +157,17 @@ def cli() -> None:
         download(sys.argv[2:])
         return
     try:
+        sys.argv[1:] = with_env_search_path(sys.argv[1:])
         check_group_overrides(sys.argv[1:])
-        validate(sys.argv[1:])
+        grid = validate(sys.argv[1:])
     except UserError as error:
         print(f"kvbench: error: {error}", file=sys.stderr)
         sys.exit(2)
-    main()
+    try:
+        main()
+    finally:  # a multirun's one table, also when a point failed (Hydra then exits non-zero)
+        if grid is not None and len(grid) and any(flag in sys.argv[1:] for flag in ("-m", "--multirun")):
+            print_sweep(len(grid))
 
 
 if __name__ == "__main__":

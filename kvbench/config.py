@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from kvbench.errors import UserError
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 GROUPS = ("model", "policy", "task", "logger")
+CONFIG_PATH_ENV = "KVBENCH_CONFIG_PATH"  # more config folders (os.pathsep-separated), after the package's own
 
 
 def _default_data_dir() -> str:
@@ -28,15 +30,101 @@ def _default_data_dir() -> str:
 OmegaConf.register_new_resolver("kvbench_data_dir", _default_data_dir, replace=True)
 
 
-def options(group: str) -> list[str]:
-    """Option names of a config group, nested ones as ``family/name`` (e.g. ``longbench/qasper``)."""
-    root = CONFIG_DIR / group
-    return sorted(str(path.relative_to(root).with_suffix("")) for path in root.rglob("*.yaml"))
+def env_search_path() -> list[str]:
+    """``KVBENCH_CONFIG_PATH``'s folders as Hydra search-path entries (``file://<absolute folder>``)."""
+    folders = os.environ.get(CONFIG_PATH_ENV, "").split(os.pathsep)
+    return [f"file://{Path(folder).expanduser().resolve()}" for folder in folders if folder.strip()]
 
 
-def check_option(group: str, name: str) -> None:
-    if name not in options(group):
-        raise UserError(f"unknown {group} '{name}'; valid: {', '.join(options(group))}")
+# config.yaml's hydra.searchpath: KVBENCH_CONFIG_PATH's folders (the command line's hydra.searchpath replaces it;
+# kvbench's CLI puts the two together, see kvbench.__main__.with_env_search_path).
+OmegaConf.register_new_resolver("kvbench_config_path", env_search_path, replace=True)
+
+
+# What `kvbench --help` offers, group by group (internal subgroups, such as experiments' policy variants, left out).
+HELP_GROUPS = {
+    "policy": "+policy=NAME",
+    "task": "task=NAME",
+    "model": "model=NAME",
+    "logger": "logger=NAME",
+    "experiment": "+experiment=NAME",
+}
+
+
+def help_choices(_root_: Any = None) -> str:
+    """The choices of ``kvbench --help``, from every config folder of this run (``hydra.searchpath``)."""
+    entries = OmegaConf.select(_root_, "hydra.searchpath") if _root_ is not None else None
+    dirs = config_dirs(list(entries) if entries is not None else None)
+    lines = []
+    for group, usage in HELP_GROUPS.items():
+        names = options(group, dirs)
+        flat = [name for name in names if "/" not in name]
+        lines.append(f"  {usage:<20} {', '.join(flat)}")
+        if group == "task":  # families of tasks: task=longbench/qasper, task=ruler/vt, ...
+            for family in sorted({name.split("/")[0] for name in names if "/" in name}):
+                members = [name.split("/", 1)[1] for name in names if name.startswith(family + "/")]
+                lines.append(f"  {'task=' + family + '/NAME':<20} {', '.join(members)}")
+    return "\n".join(lines).replace("$", "$$") + "\n"
+
+
+def help_settings() -> str:
+    """The top-level settings of config.yaml as it writes them (defaults and comments), for ``--help``."""
+    text = (CONFIG_DIR / "config.yaml").read_text().split("\n_self_", 1)[-1]
+    lines = [line for line in text.splitlines() if line[:1].isalpha() and not line.startswith(("hydra:", "defaults"))]
+    return "\n".join(f"  {line}" for line in lines).replace("$", "$$") + "\n"
+
+
+OmegaConf.register_new_resolver("kvbench_choices", help_choices, replace=True)
+OmegaConf.register_new_resolver("kvbench_settings", help_settings, replace=True)
+
+
+def search_folder(entry: str) -> Path:
+    """The folder of a Hydra search-path entry: ``file://DIR``, a plain ``DIR``, or ``pkg://package.sub``.
+
+    Raises a one-line ``UserError`` for a folder that does not exist (Hydra would only warn)."""
+    if entry.startswith("pkg://"):
+        import importlib.util
+
+        module = entry.removeprefix("pkg://").replace("/", ".").strip(".")
+        root, *sub = module.split(".")
+        spec = importlib.util.find_spec(root)
+        if spec is None or not spec.submodule_search_locations:
+            raise UserError(f"config search path {entry}: no package '{root}' is importable")
+        folder = Path(next(iter(spec.submodule_search_locations))).joinpath(*sub)
+    else:
+        folder = Path(entry.removeprefix("file://")).expanduser()
+    if not folder.is_dir():
+        raise UserError(f"config search path {entry}: folder {folder} does not exist")
+    return folder.resolve()
+
+
+def config_dirs(search_path: list[str] | None = None) -> list[Path]:
+    """The config folders Hydra composes from: the package's, then ``search_path`` (Hydra ``hydra.searchpath``
+    entries; default: ``KVBENCH_CONFIG_PATH``'s). The package's options win over same-named ones."""
+    entries = env_search_path() if search_path is None else search_path
+    return [CONFIG_DIR, *(folder for folder in map(search_folder, entries) if folder != CONFIG_DIR)]
+
+
+def options(group: str, dirs: list[Path] | None = None) -> list[str]:
+    """Option names of a config group in every config folder, nested ones as ``family/name``
+    (e.g. ``longbench/qasper``)."""
+    names = set()
+    for folder in config_dirs() if dirs is None else dirs:
+        root = folder / group
+        names.update(str(path.relative_to(root).with_suffix("")) for path in root.rglob("*.yaml"))
+    return sorted(names)
+
+
+def check_option(group: str, name: str, dirs: list[Path] | None = None) -> None:
+    valid = options(group, dirs)
+    if name not in valid:
+        raise UserError(f"unknown {group} '{name}'; valid: {', '.join(valid)}")
+
+
+def option_file(group: str, name: str, dirs: list[Path] | None = None) -> Path:
+    """The YAML of option ``name`` of ``group``: the first config folder's that has it."""
+    check_option(group, name, dirs)
+    return next(path for folder in dirs or config_dirs() if (path := folder / group / f"{name}.yaml").is_file())
 
 
 def _matches(value: Any, hint: Any) -> bool:
@@ -111,6 +199,7 @@ class Settings:
     budget_tokens: int | None = positive(None)
     protocol: Literal["official", "query_agnostic"] = "official"
     limit: int | None = positive(None)
+    ids: list[str | int] | None = None  # only the examples of these ids (then ``limit`` of them)
     results_dir: str = "results/runs"
     data_dir: str = "."
     seed: int = 0
@@ -134,8 +223,16 @@ def check_settings(cfg: Any) -> None:
     for group in ("policy", "task"):
         node = cfg.get(group)
         if node is not None and "_target_" in node:
-            from hydra.utils import get_class
+            import importlib
 
-            cls = get_class(node._target_)
+            module, _, name = str(node._target_).rpartition(".")
+            try:
+                cls = getattr(importlib.import_module(module), name)
+            except Exception as error:  # a class of your own whose module is not on PYTHONPATH, a typo
+                first = (str(error).strip().splitlines() or [""])[0]
+                raise UserError(
+                    f"{group} '{node._target_}' cannot be imported ({type(error).__name__}: {first}); "
+                    "is its module on PYTHONPATH?"
+                ) from None
             if dataclasses.is_dataclass(cls):
                 check_fields(cls, OmegaConf.to_container(node, resolve=True), prefix=f"{group}.")

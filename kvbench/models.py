@@ -15,7 +15,7 @@ from typing import Any, Literal
 import torch
 from omegaconf import OmegaConf
 
-from kvbench.config import CONFIG_DIR, check_option
+from kvbench.config import option_file
 from kvbench.errors import UserError
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
@@ -177,7 +177,6 @@ def _tokenizer_spec(spec: ModelSpec) -> ModelSpec:
 
 def model_spec(name: str) -> ModelSpec:
     """The ``ModelSpec`` of ``configs/model/<name>.yaml``, without composing the whole app config."""
-    check_option("model", name)
-    fields = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "model" / f"{name}.yaml"), resolve=True)
+    fields = OmegaConf.to_container(OmegaConf.load(option_file("model", name)), resolve=True)
     fields.pop("_target_", None)
     return ModelSpec(**fields)

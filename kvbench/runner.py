@@ -13,12 +13,14 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
@@ -34,7 +36,7 @@ from kvbench.measure import peak_kind
 from kvbench.policies.base import Budget, Policy
 from kvbench.schema import Prediction, Row, config_hash, git_commit, versions
 from kvbench.store import ResultStore
-from kvbench.tasks.base import Example, Task
+from kvbench.tasks.base import Example, Task, check_ids, select
 
 FAULT_ENV = "KVBENCH_TEST_FAULT_SEED"  # test only: see Runner._fault_hook
 
@@ -59,16 +61,19 @@ def plan(cfg: DictConfig, check_model: bool = True) -> Plan:
     check_settings(cfg)
     check_fields(models.ModelSpec, OmegaConf.to_container(cfg.model, resolve=True), prefix="model.")
     budget = Budget.from_config(cfg.budget, cfg.get("budget_tokens"))
-    policy = policies.build(cfg.get("policy"))
+    policy = checked(policies.build, cfg.get("policy"))
     policy.check_budget(budget)
     check_kernel(cfg.attention, cfg.device, cfg.dtype)
     spec = models.ModelSpec(**OmegaConf.to_container(cfg.model, resolve=True))
     config = models.check_available(spec) if check_model else None
     context = (config or {}).get("max_position_embeddings")
     data_dir = Path(cfg.data_dir).expanduser()
-    tasks = instantiate(cfg.task).subtasks()
+    tasks = checked(instantiate, cfg.task).subtasks()
     for task in tasks:
         task.check_data(data_dir)
+        known = task.example_ids(data_dir) if cfg.get("ids") is not None else None
+        if known is not None:  # else checked once the examples are built (they need the tokenizer)
+            check_ids(task.name, cfg.ids, known)
         longest = max(getattr(task, "lengths", None) or [0])
         limit = prompt_limit(spec, task, context)
         if not truncates(task) and limit is not None and longest > limit:
@@ -86,6 +91,17 @@ def prompt_limit(spec: models.ModelSpec, task: Task, context: int | None) -> int
     if spec.max_prompt_tokens is not None:
         return spec.max_prompt_tokens
     return None if context is None else context - task.max_new_tokens
+
+
+def checked(make: Callable[..., Any], node: DictConfig | None) -> Any:
+    """``make(node)`` (Hydra's ``instantiate`` underneath), with a ``UserError`` the class raises (bad field values)
+    passed on as it is."""
+    try:
+        return make(node)
+    except InstantiationException as error:
+        if isinstance(error.__cause__, UserError):
+            raise error.__cause__ from None
+        raise
 
 
 def truncates(task: Task) -> bool:
@@ -252,9 +268,7 @@ class Runner:
     def _evaluate(self, task: Task, key: str) -> dict[str, Any]:
         cfg, store = self.plan.cfg, self.plan.store
         repair = store.damaged(key)
-        examples = list(task.examples(self.plan.data_dir, self.tokenizer))
-        if cfg.limit is not None:
-            examples = examples[: int(cfg.limit)]
+        examples = select(task.name, list(task.examples(self.plan.data_dir, self.tokenizer)), cfg.get("ids"), cfg.limit)
         self._check_context(task, examples)
         done = store.predictions(key)
         todo = [example for example in examples if example.id not in done]
@@ -479,15 +493,24 @@ def _eos_ids(model: torch.nn.Module, tokenizer: Any) -> set[int]:
     return ids
 
 
-def run(cfg: DictConfig, loaded: tuple[torch.nn.Module, Any] | None = None) -> list[dict[str, Any]]:
+def run(cfg: DictConfig, loaded: tuple[torch.nn.Module, Any] | None = None, logger: Any = None) -> list[dict[str, Any]]:
     """Validate, load once (or use ``loaded``, a (model, tokenizer) pair), evaluate every task of the
     configuration; returns its rows (failed ones included: a task that fails at run time gets a
-    ``status="failed"`` row and the other tasks still run)."""
+    ``status="failed"`` row and the other tasks still run). ``logger`` (kvbench.loggers) starts once the
+    configuration is valid, before the model loads, and gets each row as soon as its task is done."""
     validated = plan(cfg, check_model=loaded is None)
     pending = [task for task in validated.tasks if not validated.store.has_row(config_hash(cfg, task))]
     finished = {config_hash(cfg, task) for task in validated.tasks} - {config_hash(cfg, task) for task in pending}
     rows = [row for row in validated.store.rows() if row["config_hash"] in finished]
+    if logger is not None:
+        logger.start(cfg)
+        logger.log_rows(cfg, rows)
     if pending:
         runner = Runner(validated, loaded)
-        rows += [row for row in (runner.run_task(task) for task in pending) if row is not None]
+        for task in pending:
+            row = runner.run_task(task)
+            if row is not None:
+                rows.append(row)
+                if logger is not None:
+                    logger.log_rows(cfg, [row])
     return rows

@@ -280,6 +280,10 @@ def config_hash(cfg: DictConfig, task: Task) -> str:
     from omegaconf import OmegaConf
 
     content = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in UNHASHED}
+    if content.get("ids") is None:  # all examples: the hash of a configuration from before ``ids`` existed
+        content.pop("ids", None)
+    else:  # the same examples, however listed
+        content["ids"] = sorted({str(i) for i in content["ids"]})
     content["task"] = {"name": task.name, **{k: v for k, v in vars(task).items() if not k.startswith("_")}}
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

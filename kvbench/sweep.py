@@ -17,8 +17,10 @@ the sweeper and its launcher), adds ours there as ``hydra_plugins.kvbench_sweep.
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,8 @@ PLUGIN_PREFIX = "hydra_plugins.kvbench_sweep."
 EXECUTOR_INIT = ("max_num_timeout",)
 
 Point = tuple[list[str], int]  # a grid point: its overrides and its job number in the sweep
+POINT_ROWS = "kvbench_rows.json"  # in a point's Hydra job folder: its job number and its rows' config hashes
+_SWEEP: dict[str, Any] = {}  # the multirun this process started: its folder, results dir and start time
 
 
 class PackedJob:
@@ -149,7 +153,40 @@ def register() -> None:
 
 
 class SweepCallback(Callback):
-    """Listed in ``hydra.callbacks``: registers the launchers when Hydra starts, before it builds one."""
+    """Listed in ``hydra.callbacks``: registers the launchers when Hydra starts, before it builds one, and
+    notes where a multirun's points record their rows (for its one table, ``print_sweep``)."""
 
     def __init__(self) -> None:
         register()
+
+    def on_multirun_start(self, config: Any, **kwargs: Any) -> None:
+        _SWEEP.update(dir=Path(str(config.hydra.sweep.dir)), results_dir=str(config.results_dir), start=time.time())
+
+
+def record_point(rows: list[dict[str, Any]]) -> None:
+    """In a multirun point: write its job number and its rows' config hashes to its Hydra job folder."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra = HydraConfig.get()
+    record = {"job": int(hydra.job.num), "config_hashes": [row["config_hash"] for row in rows]}
+    (Path(hydra.runtime.output_dir) / POINT_ROWS).write_text(json.dumps(record))
+
+
+def print_sweep(n_points: int) -> None:
+    """The table of the multirun this process ran: the rows its ``n_points`` points recorded (in this run,
+    not an earlier one of the same sweep folder), in grid order, whatever launcher ran them."""
+    from kvbench.report import print_rows
+    from kvbench.store import ResultStore
+
+    if not _SWEEP:
+        return
+    points = []
+    for path in _SWEEP["dir"].glob(f"*/{POINT_ROWS}"):
+        if path.stat().st_mtime >= _SWEEP["start"] - 1:
+            record = json.loads(path.read_text())
+            if record["job"] < n_points:
+                points.append(record)
+    by_hash = {row["config_hash"]: row for row in ResultStore(_SWEEP["results_dir"]).rows()}
+    keys = [key for point in sorted(points, key=lambda p: p["job"]) for key in point["config_hashes"]]
+    print(f"[kvbench] sweep {_SWEEP['dir'].name}: {len(points)} of {n_points} points wrote rows")
+    print_rows([by_hash[key] for key in dict.fromkeys(keys) if key in by_hash])

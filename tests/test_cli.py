@@ -98,3 +98,34 @@ def test_killed_run_resumes_without_duplicates(tmp_path, data_dir):
     assert len(rows) == 1 and rows[0]["n_examples"] == 3
     ids = [json.loads(line)["id"] for line in first.read_text().splitlines()]
     assert len(ids) == len(set(ids)) == 3
+
+
+def test_help_says_what_kvbench_is_and_offers_only_real_choices():
+    console_script = [sys.executable, "-c", "from kvbench.__main__ import cli; cli()"]  # what `kvbench` runs
+    for cmd in ([sys.executable, "-m", "kvbench", "--help"], [*console_script, "--help"]):
+        done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        text = done.stdout
+        assert text.startswith("kvbench: benchmark KV-cache eviction policies.")
+        assert "kvbench +policy=snapkv budget=0.3 task=needle" in text  # the README's example
+        assert "kvbench download <longbench|haystack|ruler|all>" in text
+        choices = {line.split()[0]: line for line in text.splitlines() if line.startswith("  ") and "NAME " in line}
+        assert {"+policy=NAME", "task=NAME", "model=NAME", "logger=NAME", "+experiment=NAME"} <= set(choices)
+        assert "snapkv" in choices["+policy=NAME"] and "passkey" in choices["task=NAME"]
+        assert "tiny_random_llama" in choices["model=NAME"] and "qasper" in choices["task=longbench/NAME"]
+        for internal in ("hydra/launcher", "hydra/help", "experiment/corm_longbench", "hydra/job_logging"):
+            assert internal not in text
+        assert "Powered by Hydra" not in text and "== Config ==" not in text
+        assert "limit: null" in text and "KVBENCH_CONFIG_PATH" in text
+
+
+def test_multirun_prints_one_table_of_all_its_points(tmp_path, data_dir):
+    cmd = [sys.executable, "-m", "kvbench", "-m", f"data_dir={data_dir}", f"results_dir={tmp_path}"]
+    cmd += ["model=tiny_random_llama", "limit=1", "progress=false", "task.max_new_tokens=2", "seed=0,1"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert sum(line.startswith("| status ") for line in lines) == 1, done.stdout
+    body = [line for line in lines if line.startswith("| ok ")]
+    assert len(body) == 2 and lines[-1] == body[-1], done.stdout  # one table, at the very end
+    assert {row["config_hash"] for row in ResultStore(tmp_path).rows()} and len(ResultStore(tmp_path).rows()) == 2

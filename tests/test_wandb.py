@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +15,9 @@ from omegaconf import OmegaConf
 
 from kvbench.analysis.figures import save
 from kvbench.config import CONFIG_DIR
-from kvbench.loggers import MAX_PREDICTIONS, WandbLogger, flatten, row_metrics, run_summary
-from kvbench.store import read_lines
+from kvbench.loggers import MAX_PREDICTIONS, WandbLogger, flatten, has_credentials, row_metrics, run_summary
+from kvbench.runner import run
+from kvbench.store import ResultStore, read_lines
 from tests.results_fixture import MODEL, TASKS, write_results
 
 REPO = Path(__file__).resolve().parents[1]
@@ -150,3 +152,107 @@ def test_no_logger_never_imports_wandb():
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
     assert not (REPO / "nowhere").exists()
+
+
+CREDENTIAL_ENV = (
+    "WANDB_API_KEY",
+    "WANDB_MODE",
+    "WANDB_BASE_URL",
+    "WANDB_CONFIG_DIR",
+    "NETRC",
+    "WANDB_IDENTITY_TOKEN_FILE",
+)
+
+
+def test_stored_credentials_count_as_online(monkeypatch, tmp_path):
+    """What ``wandb login`` stores (a netrc entry for the server's host) means online; no network is used."""
+    for name in CREDENTIAL_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert not has_credentials() and WandbLogger().resolved_mode() == "offline"
+    netrc = tmp_path / ".netrc"
+    netrc.write_text(f"machine api.wandb.ai\n  login user\n  password {'0123456789abcdef' * 2}01234567\n")
+    netrc.chmod(0o600)
+    assert has_credentials() and WandbLogger().resolved_mode() == "online"
+    try:  # wandb's own reader agrees (an internal module: checked where this wandb has it)
+        from wandb.sdk.lib.wbauth import read_netrc_auth
+    except ImportError:
+        read_netrc_auth = None
+    if read_netrc_auth is not None:
+        assert read_netrc_auth(host="https://api.wandb.ai")
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.com")  # a key for another server does not count
+    assert not has_credentials() and WandbLogger().resolved_mode() == "offline"
+    monkeypatch.delenv("WANDB_BASE_URL")
+    settings = tmp_path / ".config" / "wandb" / "settings"  # `wandb login --host` saves the server here
+    settings.parent.mkdir(parents=True)
+    settings.write_text("[default]\nbase_url = https://wandb.example.com\n")
+    assert not has_credentials()
+    with netrc.open("a") as file:
+        file.write(f"machine wandb.example.com\n  login user\n  password {'f' * 40}\n")
+    assert has_credentials() and WandbLogger().resolved_mode() == "online"
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert WandbLogger().resolved_mode() == "offline"
+    monkeypatch.delenv("WANDB_MODE")
+    moved = tmp_path / "elsewhere.netrc"
+    netrc.rename(moved)
+    assert not has_credentials()
+    monkeypatch.setenv("NETRC", str(moved))
+    assert has_credentials()
+
+
+def test_cli_run_starts_first_logs_stats_rows_and_the_predictions_artifact(tmp_path):
+    record = {"context": "Paris is in France.", "question": "Where?", "answers": ["France"]}
+    records = [{"id": f"q{i}", **record} for i in range(3)]
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join(json.dumps(record) + "\n" for record in records))
+    results = tmp_path / "results"
+    env = {k: v for k, v in os.environ.items() if k not in CREDENTIAL_ENV}
+    env.update(HOME=str(tmp_path), WANDB_SILENT="true", WANDB_BASE_URL="http://127.0.0.1:9")  # no credentials
+    for name in ("WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_ARTIFACT_DIR"):
+        env[name] = str(tmp_path / "wandb-home" / name.lower())
+    cmd = [sys.executable, "-m", "kvbench", "model=tiny_random_llama", "task=jsonl", f"task.path={data}"]
+    cmd += ["task.max_new_tokens=2", "logger=wandb", "progress=false", f"results_dir={results}"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (row,) = ResultStore(results).rows()
+    (run_dir,) = (results / "wandb").glob("offline-run-*")  # offline: no credentials, no WANDB_MODE
+    log = _records(run_dir)
+    kinds = [record["type"] for record in log]
+    assert kinds.index("run") < kinds.index("history")
+    assert "stats" in kinds  # system stats on
+    lines = [r["output_raw"].get("line", "") for r in log if r["type"] == "output_raw"]
+    assert lines, "the console is recorded"
+    (history,) = [r["history"]["item"] for r in log if r["type"] == "history" and "score/jsonl" in r["history"]["item"]]
+    assert history["score/jsonl"] == pytest.approx(row["score"])
+    artifacts = [r["artifact"] for r in log if r["type"] == "artifact" and r["artifact"].get("type") == "predictions"]
+    (artifact,) = artifacts
+    paths = [entry["path"] for entry in artifact["manifest"]["contents"]]
+    assert paths == [f"{row['config_hash']}.jsonl"]
+
+
+class Recorder:
+    """A logger that notes what was on disk each time the runner called it."""
+
+    def __init__(self, results: Path) -> None:
+        self.store, self.calls = ResultStore(results), []
+
+    def start(self, cfg) -> None:
+        self.calls.append(("start", len(self.store.rows()), self.store.root.exists()))
+
+    def log_rows(self, cfg, rows) -> None:
+        self.calls.append(("rows", len(self.store.rows()), [row["task"] for row in rows]))
+
+
+def test_logger_starts_before_the_model_and_gets_each_row_as_its_task_ends(make_config, tmp_path):
+    cfg = make_config(
+        "model=tiny_random_llama", "task=longbench", "task.subsets=[multifieldqa_zh,passage_retrieval_zh]", "limit=1"
+    )
+    recorder = Recorder(Path(cfg.results_dir))
+    rows = run(cfg, logger=recorder)
+    assert [row["task"] for row in rows] == ["longbench/multifieldqa_zh", "longbench/passage_retrieval_zh"]
+    assert recorder.calls == [
+        ("start", 0, False),  # nothing written yet
+        ("rows", 0, []),  # no finished rows to resume from
+        ("rows", 1, ["longbench/multifieldqa_zh"]),  # as soon as the first task is done
+        ("rows", 2, ["longbench/passage_retrieval_zh"]),
+    ]

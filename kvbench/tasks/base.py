@@ -69,6 +69,11 @@ class Task:
         """Yield the task's examples in a fixed order (seeded where random)."""
         raise NotImplementedError
 
+    def example_ids(self, data_dir: Path) -> list[str] | None:
+        """The ids of ``examples`` when they are known without the tokenizer (read from data), else None:
+        ``ids=[...]`` is then checked before the model loads."""
+        return None
+
     def score(self, prediction: str, example: Example) -> float:
         """Score of one prediction in [0, 1]."""
         raise NotImplementedError
@@ -106,3 +111,21 @@ class Task:
         body = prediction.lstrip("\n")
         cuts = [body.index(stop) for stop in self.stop if stop in body]
         return prediction[: len(prediction) - len(body) + min(cuts)] if cuts else prediction
+
+
+def check_ids(task: str, ids: list[Any], known: list[str]) -> set[str]:
+    """The requested ``ids`` as strings; a one-line ``UserError`` naming some valid ids when one is unknown."""
+    wanted = {str(i) for i in ids}
+    missing = sorted(wanted - set(known))
+    if missing:
+        shown = ", ".join(known[:5]) + (f", ... ({len(known)} in all)" if len(known) > 5 else "")
+        raise UserError(f"task '{task}' has no example with id {', '.join(missing)}; valid ids: {shown}")
+    return wanted
+
+
+def select(task: str, examples: list[Example], ids: list[Any] | None, limit: int | None) -> list[Example]:
+    """The examples a run evaluates: those of ``ids`` (in the task's order) when given, then the first ``limit``."""
+    if ids is not None:
+        wanted = check_ids(task, ids, [example.id for example in examples])
+        examples = [example for example in examples if example.id in wanted]
+    return examples if limit is None else examples[: int(limit)]

@@ -186,6 +186,9 @@ class LongBenchTask(Task):
             raise UserError(f"task '{self.name}': {source} holds no records; restore it (`kvbench download longbench`)")
         return records
 
+    def example_ids(self, data_dir: Path) -> list[str]:
+        return [record["_id"] for record in self._records(data_dir)]
+
     def examples(self, data_dir: Path, tokenizer: Any) -> Iterator[Example]:
         """The records in file order, each as its official prompt (``template.format(**record)``)."""
         template, question = prompt_template(self.subset), question_template(self.subset)
