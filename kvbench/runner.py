@@ -427,6 +427,7 @@ class Runner:
             diagnostics=bool(cfg.diagnostics),
             batch_size=int(cfg.batch_size),
             limit=cfg.limit,
+            ids=None if cfg.get("ids") is None else [str(i) for i in cfg.ids],
             seed=int(cfg.seed),
             prefill_eviction=cfg.prefill_eviction,
             chunk_size=int(cfg.chunk_size),

@@ -181,6 +181,9 @@ class Row:
     diagnostics: bool = column("Whether attention-mass diagnostics were on")
     batch_size: int = column("Examples per batch (not hashed: per-example numbers do not depend on it)")
     limit: int | None = column("Examples per task asked for; null for all")
+    ids: list[str] | None = column(
+        "The example ids asked for (`ids=[...]`), in the order given; null for all", legacy=None
+    )
     seed: int = column("Random seed", failed=True, legacy=0)
     prefill_eviction: str = column(
         "`whole` (evict once after the prompt) or `chunked` (after every prefill chunk)", legacy="whole"

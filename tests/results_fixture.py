@@ -133,6 +133,7 @@ def row(config_hash: str, policy: str, params: dict[str, Any], task: str, record
         "diagnostics": False,
         "batch_size": 1,
         "limit": len(records),
+        "ids": None,
         "seed": 0,
         "prefill_eviction": "whole",
         "chunk_size": 1024,

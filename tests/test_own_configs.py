@@ -194,6 +194,7 @@ def test_ids_select_exactly_those_examples(three, tmp_path):
     (row,) = ResultStore(results).rows()
     path = ResultStore(results).predictions_path(row["config_hash"])
     assert [r["id"] for r in read_lines(path)] == ["a", "c"] and row["n_examples"] == 2  # the file's order
+    assert row["ids"] == ["c", "a"]  # the row records what was asked for
     again = kvbench(*base, "ids=[a,c,a]")  # the same examples: the same row, skipped
     assert again.returncode == 0 and ResultStore(results).rows() == [row]
     done = kvbench(*base, "ids=[b,c]", "limit=1")  # ids first, then limit
