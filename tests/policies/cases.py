@@ -31,6 +31,7 @@ POLICIES = {
     "pyramidkv": _recent(lambda p, c: torch.where(c >= p.window, p.window, 0)),
     "corm": _recent(lambda p, c: torch.where(c >= p.r, p.r, 0)),
     "scissorhands": _recent(lambda p, c: torch.where(c >= p.recent, p.recent, 0)),
+    "keydiff": None,
     "fixed_capacity": lambda p, *a: (_sinks if p.rule == "sliding_window" else _recent(lambda p, c: 1))(p, *a),
 }
 
