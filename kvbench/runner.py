@@ -57,13 +57,26 @@ class Plan:
     store: ResultStore
 
 
+def _instantiate_policy(node: DictConfig) -> Policy:
+    """The policy of ``node``; a ``UserError`` its constructor raises (a wrapper's unknown scorer) stays one line
+    instead of reaching the user inside Hydra's ``InstantiationException``."""
+    from hydra.errors import InstantiationException
+
+    try:
+        return instantiate(node)
+    except InstantiationException as error:
+        if isinstance(error.__cause__, UserError):
+            raise error.__cause__ from None
+        raise
+
+
 def plan(cfg: DictConfig, check_model: bool = True) -> Plan:
     """Validate the configuration (raises a one-line ``UserError``) and instantiate policy and tasks;
     ``check_model=False`` skips the model's files (the library API passes a loaded model)."""
     check_settings(cfg)
     check_fields(models.ModelSpec, OmegaConf.to_container(cfg.model, resolve=True), prefix="model.")
     budget = Budget.from_config(cfg.budget, cfg.get("budget_tokens"))
-    policy = instantiate(cfg.policy) if cfg.get("policy") is not None else FullCache()
+    policy = _instantiate_policy(cfg.policy) if cfg.get("policy") is not None else FullCache()
     if policy.needs_budget and budget.kind == "none":
         raise UserError(f"policy '{policy.name}' needs a budget: add budget=<fraction in (0, 1]> or budget_tokens=<n>")
     if getattr(policy, "budget_free", False) and budget.kind != "none":

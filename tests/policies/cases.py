@@ -32,6 +32,7 @@ POLICIES = {
     "corm": _recent(lambda p, c: torch.where(c >= p.r, p.r, 0)),
     "scissorhands": _recent(lambda p, c: torch.where(c >= p.recent, p.recent, 0)),
     "keydiff": None,
+    "chunkkv": _recent(lambda p, c: torch.where(c >= p.inner.window, p.inner.window, 0)),
     "fixed_capacity": lambda p, *a: (_sinks if p.rule == "sliding_window" else _recent(lambda p, c: 1))(p, *a),
 }
 

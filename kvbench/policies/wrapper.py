@@ -1,0 +1,97 @@
+"""Wrappers over a scorer policy (ChunkKV, AdaKV): the scorer scores, the wrapper decides what to keep.
+
+The wrapped scorer is named by its config (``scorer: snapkv``, built from ``configs/policy/<scorer>.yaml``
+with ``scorer_params`` on top). It keeps its own observation, scores, protected slots and bookkeeping; the
+wrapper replaces only its top-k (``ScorerPolicy.selector``) and says how long the kept layer can be.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from kvbench.cache import LayerCache
+from kvbench.errors import UserError
+from kvbench.policies.base import Context, Policy, ScorerPolicy
+
+
+def scorer_names() -> list[str]:
+    """Policy configs whose class is a plain scorer (top-k over a score), the ones a wrapper can take."""
+    from hydra.utils import get_class
+    from omegaconf import OmegaConf
+
+    from kvbench.config import CONFIG_DIR, options
+
+    names = []
+    for name in options("policy"):
+        cls = get_class(OmegaConf.load(CONFIG_DIR / "policy" / f"{name}.yaml")._target_)
+        if issubclass(cls, ScorerPolicy) and not issubclass(cls, WrapperPolicy):
+            names.append(name)
+    return names
+
+
+def build_scorer(wrapper: str, name: str, params: dict[str, Any]) -> ScorerPolicy:
+    """The scorer ``name`` from its config with ``params`` over it (one-line ``UserError`` on bad input)."""
+    from hydra.utils import get_class, instantiate
+    from omegaconf import OmegaConf
+
+    from kvbench.config import CONFIG_DIR, check_fields
+
+    valid = scorer_names()
+    if name not in valid:
+        raise UserError(f"{wrapper}: unknown scorer '{name}'; valid: {', '.join(valid)}")
+    node = OmegaConf.load(CONFIG_DIR / "policy" / f"{name}.yaml")
+    check_fields(get_class(node._target_), params, prefix="policy.scorer_params.")
+    inner = instantiate(node, **params)
+    if inner.position_shift:
+        raise UserError(f"{wrapper}: a scorer with position_shift=true cannot be wrapped (its positions are ranks)")
+    return inner
+
+
+@dataclass
+class WrapperPolicy(Policy):
+    """Delegates observation, scoring and protected slots to ``scorer``; subclasses write ``choose``."""
+
+    scorer: str = "snapkv"
+    scorer_params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(self.scorer_params, DictConfig):
+            self.scorer_params = OmegaConf.to_container(self.scorer_params, resolve=True)
+        self.inner = build_scorer(self.name, self.scorer, dict(self.scorer_params))
+        self.inner.selector = self.choose
+        # The engine reads these per instance: the scorer decides the phase and which attention rows it needs.
+        self.phase = self.inner.phase
+        self.query_rows = self.inner.query_rows
+        self.decode_rows = self.inner.decode_rows
+
+    def choose(
+        self, layer: LayerCache, scores: torch.Tensor, capacity: torch.Tensor, protected: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Keep mask [B, Hkv, T] of ``layer`` from the scorer's ``scores`` [B, Hkv, T] under ``capacity`` [B]
+        entries per (example, KV head), ``protected`` slots [B, Hkv, T] (or None) first."""
+        raise NotImplementedError
+
+    def bind(self, tokenizer: Any) -> None:
+        self.inner.bind(tokenizer)
+
+    def observe(self, layer: LayerCache, probs: torch.Tensor, query_positions: torch.Tensor, ctx: Context) -> None:
+        self.inner.observe(layer, probs, query_positions, ctx)
+
+    def select(self, layer: LayerCache, ctx: Context) -> torch.Tensor | None:
+        return self.inner.select(layer, ctx)
+
+    def layer_capacity(self, capacity: torch.Tensor, ctx: Context) -> torch.Tensor:
+        return self.inner.layer_capacity(capacity, ctx)
+
+    def protected_windows(self, prompt_tokens: int, capacity: int | None) -> list[tuple[int, int]]:
+        return self.inner.protected_windows(prompt_tokens, capacity)
+
+    def params(self) -> dict[str, Any]:
+        fields = dataclasses.asdict(self)
+        return {**fields, "scorer_params": {**dataclasses.asdict(self.inner), **self.scorer_params}}
