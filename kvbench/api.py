@@ -11,14 +11,13 @@ from typing import Any
 
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
 
 from kvbench.attention import Engine
 from kvbench.batching import collate
 from kvbench.config import CONFIG_DIR, check_option
 from kvbench.generate import generate as decode
+from kvbench.policies import build
 from kvbench.policies.base import Budget
-from kvbench.policies.full import FullCache
 from kvbench.runner import _eos_ids, run
 
 
@@ -92,7 +91,7 @@ def generate(
     under ``policy`` at ``budget``; each result holds ``text``, ``kv_kept_fraction`` and ``kv_bytes`` (the peak the
     cache held for the batch)."""
     cfg = _config(policy, budget, None, {})
-    chosen = instantiate(cfg.policy) if cfg.get("policy") is not None else FullCache()
+    chosen = build(cfg.get("policy"))
     _prepare(model, tokenizer)
     chosen.bind(tokenizer)
     config = model.config

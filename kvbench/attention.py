@@ -34,7 +34,7 @@ from torch.nn.attention.bias import CausalBias, causal_lower_right
 
 from kvbench.cache import EMPTY, KVCache, LayerCache
 from kvbench.errors import UserError
-from kvbench.policies.base import Budget, Context, Policy
+from kvbench.policies.base import Budget, Context, Needs, Policy
 
 ATTENTION_NAME = "kvbench"
 ROW_BLOCK = 256
@@ -49,6 +49,7 @@ class Step:
     phase: str  # "prefill" | "decode"
     evict: bool  # evict at the end of this step
     rows_from: int = 0  # observe query rows from this index of the chunk on (prefill window rows)
+    queries_from: int = 0  # pass the queries from this index of the chunk on (``Needs.queries`` window)
     seen: list[int] | None = None  # host: tokens seen per example after this step (``Engine.seen`` without a read)
     padded: bool = True  # host: whether any query of the step is padding (EMPTY)
 
@@ -86,8 +87,10 @@ class Engine:
     _layer_nbytes: list[int] = field(default_factory=list)
     _layer_kv_nbytes: list[int] = field(default_factory=list)
     _context: tuple[Step, Context] | None = None
+    needs: Needs = field(init=False)  # the policy's needs, resolved once
 
     def __post_init__(self) -> None:
+        self.needs = self.policy.needed()
         self.cache = KVCache.empty(self.n_layers)
         self._layer_nbytes = [0] * self.n_layers
         self._layer_kv_nbytes = [0] * self.n_layers
@@ -145,7 +148,7 @@ class Engine:
         among this step's tokens.
         """
         valid = positions != EMPTY
-        if not self.policy.position_shift:
+        if not self.needs.position_shift:
             return positions.masked_fill(~valid, 0)
         held = self.cache.layers[0].held()[:, 0] if self.cache.layers[0].keys is not None else 0
         ranks = valid.long().cumsum(-1) - 1 + (held[:, None] if torch.is_tensor(held) else held)
@@ -160,17 +163,21 @@ class Engine:
         out = attention(query, layer, step.positions, scale, self.group_size, self.kernel, empty=empty)
         if self.diagnostics:
             self._track_mass(layer_idx, query, key, scale)
-        policy = self.policy
-        if type(policy).attention_output is not Policy.attention_output:
+        policy, needs = self.policy, self.needs
+        if policy.adjusts_output():
             out = policy.attention_output(layer, query, out, scale, self.context(layer_idx))
-        wants_rows = policy.decode_rows if step.phase == "decode" else policy.query_rows != 0
+        wants_queries = needs.decode_queries if step.phase == "decode" else needs.queries != 0
+        if wants_queries and step.queries_from < query.shape[2]:
+            chosen = slice(step.queries_from, query.shape[2])
+            policy.observe_queries(layer, query[:, :, chosen], step.positions[:, chosen], self.context(layer_idx))
+        wants_rows = needs.decode_rows if step.phase == "decode" else needs.query_rows != 0
         if wants_rows:
             ctx = self.context(layer_idx)
             for start in range(step.rows_from, query.shape[2], ROW_BLOCK):
                 rows = slice(start, min(start + ROW_BLOCK, query.shape[2]))
                 probs = attention_probs(query[:, :, rows], layer, step.positions[:, rows], scale, self.group_size)
                 policy.observe(layer, probs, step.positions[:, rows], ctx)
-        if step.evict and (step.phase == "prefill" or policy.phase != "prefill"):
+        if step.evict and (step.phase == "prefill" or needs.phase != "prefill"):
             policy.evict(layer, self.context(layer_idx))
         self._meter_bytes(layer_idx)
         if layer_idx == self.n_layers - 1:
@@ -344,7 +351,7 @@ def attach(model: torch.nn.Module, engine: Engine) -> Iterator[Engine]:
     for module in modules:
         module.kvbench_engine = engine
     rotary = getattr(getattr(model, "model", model), "rotary_emb", None)
-    if engine.policy.position_shift and (rotary is None or getattr(rotary, "attention_scaling", 1.0) != 1.0):
+    if engine.needs.position_shift and (rotary is None or getattr(rotary, "attention_scaling", 1.0) != 1.0):
         raise UserError("position_shift needs plain RoPE (a rotary_emb without attention scaling)")
     engine.inv_freq = None if rotary is None else rotary.inv_freq
     model.set_attn_implementation(ATTENTION_NAME)

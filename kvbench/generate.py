@@ -55,7 +55,7 @@ def prefill(model, engine: Engine, batch: Batch, chunk_size: int, evict_per_chun
     positions = batch.positions
     width = batch.input_ids.shape[1]
     pads = [width - length for length in engine.prompt_lengths_host]  # left padding per example (host)
-    query_rows = engine.policy.query_rows
+    needs = engine.needs
     logits = None
     spans = [(s, min(s + chunk_size, batch.split)) for s in range(0, batch.split, chunk_size)]
     spans += [(batch.split, batch.input_ids.shape[1])] if batch.split < batch.input_ids.shape[1] else []
@@ -63,17 +63,15 @@ def prefill(model, engine: Engine, batch: Batch, chunk_size: int, evict_per_chun
         compressed = end <= batch.split
         last_chunk = end == batch.split
         window_end = end if evict_per_chunk else batch.split
-        if not compressed:
-            rows_from = end - start
-        elif query_rows == ALL_ROWS:
-            rows_from = 0
-        else:
-            rows_from = max(0, window_end - query_rows - start) if query_rows else end - start
+        rows_from, queries_from = (
+            _window_from(window, start, end, window_end, compressed) for window in (needs.query_rows, needs.queries)
+        )
         engine.step = Step(
             positions=positions[:, start:end],
             phase="prefill",
             evict=compressed and (last_chunk or evict_per_chunk),
             rows_from=rows_from,
+            queries_from=queries_from,
             seen=[max(0, end - pad) for pad in pads],
             padded=any(pad > start for pad in pads),
         )
@@ -85,6 +83,16 @@ def prefill(model, engine: Engine, batch: Batch, chunk_size: int, evict_per_chun
             logits_to_keep=1,
         ).logits[:, -1]
     return logits
+
+
+def _window_from(window: int, start: int, end: int, window_end: int, compressed: bool) -> int:
+    """Index in the chunk [start, end) from which the last ``window`` queries before ``window_end`` begin
+    (ALL_ROWS: every query; the chunk's end when it has none of them or is not compressed)."""
+    if not compressed:
+        return end - start
+    if window == ALL_ROWS:
+        return 0
+    return max(0, window_end - window - start) if window else end - start
 
 
 def decode_step(model, engine: Engine, tokens: torch.Tensor, positions: torch.Tensor, seen: list[int]) -> torch.Tensor:

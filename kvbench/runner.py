@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 import kvbench
-from kvbench import models
+from kvbench import models, policies
 from kvbench.attention import KERNELS, Engine
 from kvbench.batching import collate, encode, length_grouped, needle_span
 from kvbench.config import check_fields, check_settings
@@ -35,7 +35,6 @@ from kvbench.errors import UserError
 from kvbench.generate import Batch, generate
 from kvbench.measure import peak_kind
 from kvbench.policies.base import Budget, Policy
-from kvbench.policies.full import FullCache
 from kvbench.store import ResultStore
 from kvbench.tasks.base import Example, Task
 
@@ -57,32 +56,14 @@ class Plan:
     store: ResultStore
 
 
-def _instantiate_policy(node: DictConfig) -> Policy:
-    """The policy of ``node``; a ``UserError`` its constructor raises (a wrapper's unknown scorer) stays one line
-    instead of reaching the user inside Hydra's ``InstantiationException``."""
-    from hydra.errors import InstantiationException
-
-    try:
-        return instantiate(node)
-    except InstantiationException as error:
-        if isinstance(error.__cause__, UserError):
-            raise error.__cause__ from None
-        raise
-
-
 def plan(cfg: DictConfig, check_model: bool = True) -> Plan:
     """Validate the configuration (raises a one-line ``UserError``) and instantiate policy and tasks;
     ``check_model=False`` skips the model's files (the library API passes a loaded model)."""
     check_settings(cfg)
     check_fields(models.ModelSpec, OmegaConf.to_container(cfg.model, resolve=True), prefix="model.")
     budget = Budget.from_config(cfg.budget, cfg.get("budget_tokens"))
-    policy = _instantiate_policy(cfg.policy) if cfg.get("policy") is not None else FullCache()
-    if policy.needs_budget and budget.kind == "none":
-        raise UserError(f"policy '{policy.name}' needs a budget: add budget=<fraction in (0, 1]> or budget_tokens=<n>")
-    if getattr(policy, "budget_free", False) and budget.kind != "none":
-        raise UserError(f"policy '{policy.name}' sets its own compression; remove budget/budget_tokens")
-    if isinstance(policy, FullCache) and budget.kind != "none" and budget.value != 1.0:
-        raise UserError("the full cache keeps everything: use budget=1.0 (or none) with it, or pick a policy")
+    policy = policies.build(cfg.get("policy"))
+    policy.check_budget(budget)
     check_kernel(cfg.attention, cfg.device, cfg.dtype)
     spec = models.ModelSpec(**OmegaConf.to_container(cfg.model, resolve=True))
     if check_model:
@@ -202,7 +183,14 @@ class Runner:
         """One tiny generation so one-time costs (allocations, kernel selection) stay out of the timings."""
         ids = self.tokenizer.encode("Warm up.", add_special_tokens=False)
         batch = collate([[ids, []]], self.tokenizer.pad_token_id, self.device)
-        generate(self.model, self.engine(FullCache(), Budget()), batch, 2, set(), chunk_size=self.plan.cfg.chunk_size)
+        generate(
+            self.model,
+            self.engine(policies.build(None), Budget()),
+            batch,
+            2,
+            set(),
+            chunk_size=self.plan.cfg.chunk_size,
+        )
 
     def engine(self, policy: Policy, budget: Budget) -> Engine:
         cfg = self.plan.cfg
@@ -408,7 +396,7 @@ class Runner:
             "policy": run.policy.name,
             "label": run.policy.display_name(run.budget),
             "policy_params": run.policy.params(),
-            "kv_masked": run.policy.kv_masked,
+            "kv_masked": run.policy.needed().kv_masked,
             "budget": run.budget.value if run.budget.kind == "fraction" else None,
             "budget_tokens": run.budget.value if run.budget.kind == "tokens" else None,
             "task": task.name,

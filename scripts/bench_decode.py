@@ -22,14 +22,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
 
 from kvbench.bench import host_syncs_per_step, time_hf_generate, time_kvbench
-from kvbench.config import CONFIG_DIR, model_spec, options
+from kvbench.config import model_spec, options
 from kvbench.models import load
+from kvbench.policies import build
 from kvbench.policies.base import Budget
-from kvbench.policies.full import FullCache
 from kvbench.runner import git_commit, versions
 
 NEEDS_PARAMS = {"less"}  # needs trained kernels; benchmarked when they exist
@@ -41,9 +39,7 @@ def prompt_ids(tokenizer, n_tokens: int, data_dir: Path) -> list[int]:
 
 
 def policy_factory(name: str):
-    if name == "full":
-        return FullCache
-    return lambda: instantiate(OmegaConf.load(CONFIG_DIR / "policy" / f"{name}.yaml"))
+    return lambda: build(name)
 
 
 def write_syncs(model, tokenizer, ids: list[int], args, argv: list[str]) -> None:
@@ -51,7 +47,7 @@ def write_syncs(model, tokenizer, ids: list[int], args, argv: list[str]) -> None
     rows = []
     for name in ["full", *[n for n in options("policy") if n != "full" and n not in NEEDS_PARAMS]]:
         make = policy_factory(name)
-        budget = Budget("fraction", args.budget) if make().needs_budget else Budget()
+        budget = Budget("fraction", args.budget) if make().needed().budget == "required" else Budget()
         rows.append(
             {"policy": name, "host_syncs_per_step": host_syncs_per_step(model, tokenizer, make, budget, [ids], "cpu")}
         )
@@ -133,15 +129,19 @@ def main(argv: list[str]) -> None:
     samples: dict[str, list[float]] = {"hf": [], "hf_kept": [], "full": [], "full_kept": []}
     for _ in range(args.repeats):
         samples["hf"].append(time_hf_generate(model, [ids], args.steps, "cpu").decode_ms_per_step)
-        samples["full"].append(time_kvbench(model, tokenizer, FullCache, Budget(), [ids], args.steps, "cpu"))
+        samples["full"].append(
+            time_kvbench(model, tokenizer, policy_factory("full"), Budget(), [ids], args.steps, "cpu")
+        )
         samples["hf_kept"].append(time_hf_generate(model, [ids[:kept_len]], args.steps, "cpu").decode_ms_per_step)
         kept_ids = [ids[:kept_len]]
-        samples["full_kept"].append(time_kvbench(model, tokenizer, FullCache, Budget(), kept_ids, args.steps, "cpu"))
+        samples["full_kept"].append(
+            time_kvbench(model, tokenizer, policy_factory("full"), Budget(), kept_ids, args.steps, "cpu")
+        )
     hf_ms, hf_kept_ms = statistics.median(samples["hf"]), statistics.median(samples["hf_kept"])
     base_ms = statistics.median(t.decode_ms_per_step for t in samples["full"])
     short_ms = statistics.median(t.decode_ms_per_step for t in samples["full_kept"])
     sync_ids = [ids[:512]]  # host syncs do not depend on the context; a short prompt counts them quickly
-    full_syncs = host_syncs_per_step(model, tokenizer, FullCache, Budget(), sync_ids, "cpu")
+    full_syncs = host_syncs_per_step(model, tokenizer, policy_factory("full"), Budget(), sync_ids, "cpu")
     rows = [
         {"policy": "full", "context": args.context, "ms_per_step": base_ms, "kept_fraction": 1.0},
         {"policy": "full", "context": kept_len, "ms_per_step": short_ms, "kept_fraction": 1.0},
@@ -151,7 +151,7 @@ def main(argv: list[str]) -> None:
     names = args.policies or [n for n in options("policy") if n != "full" and n not in NEEDS_PARAMS]
     for name in names:
         make = policy_factory(name)
-        policy_budget = budget if make().needs_budget else Budget()
+        policy_budget = budget if make().needed().budget == "required" else Budget()
         timings = [
             time_kvbench(model, tokenizer, make, policy_budget, [ids], args.steps, "cpu") for _ in range(args.repeats)
         ]

@@ -20,11 +20,8 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from kvbench.bench import as_dict, copy_bandwidth, time_hf_generate, time_kvbench
+from kvbench.policies import build as build_policy
 from kvbench.policies.base import Budget
-from kvbench.policies.full import FullCache
-from kvbench.policies.h2o import H2OPolicy
-from kvbench.policies.snapkv import SnapKVPolicy
-from kvbench.policies.streaming_llm import StreamingLLMPolicy
 from kvbench.runner import git_commit, versions
 
 LLAMA_3_1_8B = {
@@ -39,11 +36,11 @@ LLAMA_3_1_8B = {
 }
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "vocab_size": 512, "max_position_embeddings": 4096}  # fmt: skip
-POLICIES = {
-    "full": (FullCache, Budget()),
-    "snapkv": (SnapKVPolicy, Budget("fraction", 0.3)),
-    "h2o": (H2OPolicy, Budget("fraction", 0.3)),
-    "streaming_llm": (StreamingLLMPolicy, Budget("fraction", 0.3)),
+POLICIES = {  # name: (factory, budget); each policy as its configs/policy YAML sets it
+    "full": (lambda: build_policy("full"), Budget()),
+    "snapkv": (lambda: build_policy("snapkv"), Budget("fraction", 0.3)),
+    "h2o": (lambda: build_policy("h2o"), Budget("fraction", 0.3)),
+    "streaming_llm": (lambda: build_policy("streaming_llm"), Budget("fraction", 0.3)),
 }
 
 

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from kvbench.attention import Engine
@@ -35,8 +34,8 @@ from kvbench.batching import collate
 from kvbench.config import CONFIG_DIR, model_spec
 from kvbench.generate import teacher_forced_nll
 from kvbench.models import load
+from kvbench.policies import build
 from kvbench.policies.base import Budget
-from kvbench.policies.full import FullCache
 from kvbench.results import policy_label
 from kvbench.runner import git_commit, versions
 
@@ -66,11 +65,11 @@ def parse_run(spec: str, model: str) -> Run:
     budget_value = settings.pop("budget", None)
     extra = int(settings.pop("plus", 0))
     if name == "full":
-        return Run(spec, FullCache(), Budget(), {})
+        return Run(spec, build(None), Budget(), {})
     overrides = OmegaConf.from_dotlist([f"{k}={v}" for k, v in settings.items()])
     policy_config = OmegaConf.merge(OmegaConf.load(CONFIG_DIR / "policy" / f"{name}.yaml"), overrides)
     config = OmegaConf.create({"model": {"name": model}, "policy": policy_config})
-    policy = instantiate(config.policy)
+    policy = build(config.policy)
     fraction = float(budget_value) if budget_value is not None else None
     budget = PlusBudget("fraction", fraction, extra) if extra else Budget.from_config(fraction, None)
     params = {k: v for k, v in OmegaConf.to_container(config.policy, resolve=True).items() if k != "_target_"}

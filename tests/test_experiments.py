@@ -7,12 +7,11 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from kvbench.config import CONFIG_DIR
+from kvbench.policies import build
 from kvbench.policies.base import Budget
-from kvbench.policies.full import FullCache
 
 EXPERIMENTS = sorted(path.stem for path in (CONFIG_DIR / "experiment").glob("*.yaml"))
 
@@ -34,6 +33,7 @@ def test_experiment_composes_and_builds_its_policies(name, tmp_path):
         for point in points:
             cfg = compose("config", overrides=[f"+experiment={name}", f"results_dir={tmp_path}", *point])
             budget = Budget.from_config(cfg.budget, cfg.get("budget_tokens"))
-            policy = instantiate(cfg.policy) if cfg.get("policy") is not None else FullCache()
-            assert not (policy.needs_budget and budget.kind == "none"), (name, point)
+            policy = build(cfg.get("policy"))
+            assert not (policy.needed().budget == "required" and budget.kind == "none"), (name, point)
+            policy.check_budget(budget)  # what the runner checks before any model loads
             assert cfg.model.name and cfg.task.name, (name, point)

@@ -1,10 +1,12 @@
 """The policy contract: what a policy asks the engine for, and how it says what to keep.
 
-A policy is a dataclass whose fields are its paper's hyper-parameters. It declares what it needs
-(``query_rows``: attention rows of the last W prompt queries, ``ALL_ROWS`` for every prompt query, streamed
-chunk by chunk; ``decode_rows``: the attention row of every decode step), receives exactly that through
-``observe``, and answers ``select`` with a keep mask. ``ScorerPolicy`` turns a score into a keep mask under the
-budget (top-k per example and KV head), so most policies write only ``score``.
+A policy is a dataclass whose fields are its paper's hyper-parameters. It declares what it needs in one
+place, the class attribute ``needs = Needs(...)`` (attention rows of the last W prompt queries or of every
+decode step, the queries themselves, whether it takes a budget, ...), receives exactly that through
+``observe`` (rows) and ``observe_queries`` (queries), and answers ``select`` with a keep mask. A field that
+depends on a hyper-parameter is a function of the policy (``query_rows=lambda p: p.window``); ``needed()``
+resolves them. ``ScorerPolicy`` turns a score into a keep mask under the budget (top-k per example and KV
+head), so most policies write only ``score``. ``kvbench.policies.build`` makes a policy from its YAML node.
 
 Budget rule (one for all policies): the capacity of an (example, KV head) is ``floor(budget * t)`` entries,
 t = tokens seen so far, or ``budget_tokens``. Protected tokens (sinks, recent window, observation window)
@@ -19,8 +21,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -29,6 +32,8 @@ from kvbench.errors import UserError
 from kvbench.labels import display_name
 
 ALL_ROWS = -1
+PHASES = ("prefill", "both")
+BUDGET_RULES = ("required", "optional", "refused", "full")
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,38 @@ class Budget:
         return self.value
 
 
+@dataclass(frozen=True)
+class Needs:
+    """What a policy asks of the engine: its one declaration, the class attribute ``Policy.needs``.
+
+    Any field may instead be a function of the policy (``lambda p: p.window``), for needs that follow a
+    hyper-parameter; ``Policy.needed()`` returns the declaration with every such field resolved.
+    """
+
+    phase: str = "both"  # "prefill": evict at the end of prefill only; "both": also after every decode step
+    query_rows: int | Callable[[Any], int] = 0  # attention rows of the last W prompt queries (ALL_ROWS: all)
+    decode_rows: bool | Callable[[Any], bool] = False  # the attention row of every decode step
+    queries: int | Callable[[Any], int] = 0  # the last W prompt queries themselves, post-RoPE (ALL_ROWS: all)
+    decode_queries: bool | Callable[[Any], bool] = False  # the query of every decode step
+    budget: str = "required"  # one of BUDGET_RULES: required | optional | refused (sets its own) | full (1.0 only)
+    kv_masked: bool = False  # results are marked: the keys are masked, not freed
+    position_shift: bool | Callable[[Any], bool] = False  # RoPE positions = rank among held slots, not original
+    heads_aligned: bool = False  # the keep mask is the same for every KV head (position-only rules)
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("phase", PHASES), ("budget", BUDGET_RULES)):
+            value = getattr(self, name)
+            if not callable(value) and value not in allowed:
+                raise ValueError(f"Needs.{name} must be one of {', '.join(allowed)}, not {value!r}")
+
+    def of(self, policy: Any) -> Needs:
+        """This declaration with every field that is a function of the policy evaluated on ``policy``."""
+        resolved = {
+            f.name: getattr(self, f.name)(policy) for f in dataclasses.fields(self) if callable(getattr(self, f.name))
+        }
+        return dataclasses.replace(self, **resolved)
+
+
 @dataclass
 class Context:
     """What the engine tells a policy at one layer's eviction point."""
@@ -93,13 +130,23 @@ class Context:
 class Policy:
     """Base policy: keeps everything (the full cache). Subclasses override what they need."""
 
-    phase = "both"
-    query_rows = 0
-    decode_rows = False
-    needs_budget = True
-    kv_masked = False
-    position_shift = False  # RoPE positions = rank among held slots (StreamingLLM's variant), not original
-    heads_aligned = False  # the keep mask is the same for every KV head (position-only rules)
+    needs: ClassVar[Needs] = Needs()
+
+    def needed(self) -> Needs:
+        """``needs`` with the fields that follow hyper-parameters resolved for this instance."""
+        return self.needs.of(self)
+
+    def check_budget(self, budget: Budget) -> None:
+        """Raise a one-line ``UserError`` when ``budget`` breaks the policy's budget rule (``Needs.budget``)."""
+        rule, given = self.needed().budget, budget.kind != "none"
+        if rule == "required" and not given:
+            raise UserError(
+                f"policy '{self.name}' needs a budget: add budget=<fraction in (0, 1]> or budget_tokens=<n>"
+            )
+        if rule == "refused" and given:
+            raise UserError(f"policy '{self.name}' sets its own compression; remove budget/budget_tokens")
+        if rule == "full" and given and budget.value != 1.0:
+            raise UserError("the full cache keeps everything: use budget=1.0 (or none) with it, or pick a policy")
 
     def bind(self, tokenizer: Any) -> None:
         """Receive the model's tokenizer before the run (policies that read token ids, e.g. FastGen)."""
@@ -119,6 +166,13 @@ class Policy:
         """Receive attention probabilities [B, H, q, T] over the layer's current slots for query rows at
         ``query_positions`` [B, q] (rows of padding queries are zero)."""
 
+    def observe_queries(
+        self, layer: LayerCache, queries: torch.Tensor, query_positions: torch.Tensor, ctx: Context
+    ) -> None:
+        """Receive the queries [B, H, q, D] (post-RoPE, as attention sees them) at ``query_positions`` [B, q]
+        (EMPTY for padding): the last ``needs.queries`` prompt queries, chunk by chunk, and with
+        ``needs.decode_queries`` each decode step's. Called before ``observe`` and the eviction of the step."""
+
     def select(self, layer: LayerCache, ctx: Context) -> torch.Tensor | None:
         """Return a keep mask [B, Hkv, T], or None to keep everything."""
         return None
@@ -132,6 +186,10 @@ class Policy:
         """
         return output
 
+    def adjusts_output(self) -> bool:
+        """Whether the policy overrides ``attention_output`` (the engine skips the call otherwise)."""
+        return type(self).attention_output is not Policy.attention_output
+
     def evict(self, layer: LayerCache, ctx: Context) -> None:
         """The one eviction step: ``select``, then ``before_keep`` (merging, folding, re-rotating what goes),
         then the cut, with the kept length known on the host when ``kept_length`` can tell it."""
@@ -140,7 +198,7 @@ class Policy:
             return
         self.before_keep(layer, keep, ctx)
         length, exact = self.kept_length(layer, ctx)
-        layer.keep(keep, length, exact, aligned=self.heads_aligned)
+        layer.keep(keep, length, exact, aligned=self.needed().heads_aligned)
 
     def before_keep(self, layer: LayerCache, keep: torch.Tensor, ctx: Context) -> None:
         """Act on the slots about to go (``layer.valid & ~keep``) before they are freed (default: nothing)."""
@@ -284,9 +342,12 @@ def sinks(layer: LayerCache, n_sink: int) -> torch.Tensor:
 
 __all__ = [
     "ALL_ROWS",
+    "BUDGET_RULES",
     "EMPTY",
+    "PHASES",
     "Budget",
     "Context",
+    "Needs",
     "Policy",
     "ScorerPolicy",
     "below_uniform",

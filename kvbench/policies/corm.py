@@ -8,7 +8,7 @@ import torch
 
 from kvbench.cache import LayerCache
 from kvbench.errors import UserError
-from kvbench.policies.base import Context, Policy, below_uniform, recent, top_capacity, windows
+from kvbench.policies.base import Context, Needs, Policy, below_uniform, recent, top_capacity, windows
 
 STREAK_MAX = torch.iinfo(torch.int16).max
 
@@ -25,7 +25,7 @@ class CORMPolicy(Policy):
     GQA: a key's streak resets if any query head of its group finds it important (methods.md §0).
 
     Phase: both (the last ``w`` prompt rows, then every decode row). Budget: none — compression is the
-    outcome (``needs_budget = False``). Under a harness budget it runs *capped*: after its own eviction, a
+    outcome (``budget="optional"``). Under a harness budget it runs *capped*: after its own eviction, a
     (example, head) still above the capacity drops its longest-minor keys (highest streak), never one of the
     last ``r`` unless the capacity is below ``r``. The row's ``budget`` (null or not) tells the two modes apart.
 
@@ -39,8 +39,7 @@ class CORMPolicy(Policy):
     r: int = 256
     threshold: str = "step"
     prefill: str = "last_w_rows"
-    decode_rows = True
-    needs_budget = False
+    needs = Needs(query_rows=lambda p: p.w if p.prefill == "last_w_rows" else 0, decode_rows=True, budget="optional")
 
     def __post_init__(self) -> None:
         if self.threshold not in ("step", "cache"):
@@ -49,10 +48,6 @@ class CORMPolicy(Policy):
             raise UserError(f"corm prefill must be 'last_w_rows' or 'none', not '{self.prefill}'")
         if self.w < 1 or self.r < 0:
             raise UserError(f"corm needs w >= 1 and r >= 0, got w={self.w}, r={self.r}")
-
-    @property
-    def query_rows(self) -> int:
-        return self.w if self.prefill == "last_w_rows" else 0
 
     def protected_windows(self, prompt_tokens: int, capacity: int | None) -> list[tuple[int, int]]:
         return windows(prompt_tokens, tail=self.r if capacity is None else min(self.r, capacity))

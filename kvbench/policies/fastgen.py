@@ -11,7 +11,7 @@ import torch
 
 from kvbench.cache import EMPTY, KVCache, LayerCache
 from kvbench.errors import UserError
-from kvbench.policies.base import ALL_ROWS, Context, Policy, to_kv_heads, top_capacity
+from kvbench.policies.base import ALL_ROWS, Context, Needs, Policy, to_kv_heads, top_capacity
 
 # The ordered hybrid set (§3.2); each entry keeps a superset of the one before.
 CHOICES = ("special", "special+punct", "special+punct+frequent", "special+punct+frequent+local", "full")
@@ -52,10 +52,7 @@ class FastGenPolicy(Policy):
     r_f: float = 0.3
     special_ids: list[int] | None = None
     punct_ids: list[int] | None = None
-    query_rows = ALL_ROWS
-    decode_rows = True
-    needs_budget = False
-    budget_free = True  # the run rejects budget/budget_tokens: T decides the compression
+    needs = Needs(query_rows=ALL_ROWS, decode_rows=True, budget="refused")  # T decides the compression
 
     def bind(self, tokenizer: Any) -> None:
         """Fill the special and punctuation ids from ``tokenizer`` (the runner calls this before a run)."""
@@ -87,11 +84,6 @@ class FastGenPolicy(Policy):
         rows = (query_positions != EMPTY).sum(-1).float()  # [B]
         layer.extra["fastgen_rows"] = layer.extra.get("fastgen_rows", torch.zeros_like(rows)) + rows
 
-    def evict(self, layer: LayerCache, ctx: Context) -> None:
-        if ctx.phase == "prefill":
-            self.profile(layer, ctx)
-        super().evict(layer, ctx)
-
     def profile(self, layer: LayerCache, ctx: Context) -> None:
         """Choose a set per (example, KV head): ``extra["fastgen_choice"]`` [B, Hkv] int8 (index in CHOICES)
         and ``extra["fastgen_recovery"]`` [B, Hkv, 5], the mean attention mass each set retains."""
@@ -116,6 +108,8 @@ class FastGenPolicy(Policy):
         layer.host["fastgen_all_full"] = int(bool((choice == FULL).all()))  # read once, at the end of prefill
 
     def select(self, layer: LayerCache, ctx: Context) -> torch.Tensor | None:
+        if ctx.phase == "prefill":
+            self.profile(layer, ctx)  # the end of prefill (or of a chunk): choose each head's set first
         choice = layer.extra.get("fastgen_choice")
         if choice is None or layer.host.get("fastgen_all_full"):
             return None

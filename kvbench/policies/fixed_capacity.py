@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from kvbench.cache import LayerCache
 from kvbench.errors import UserError
-from kvbench.policies.base import ALL_ROWS, Context, ScorerPolicy, recent, sinks, to_kv_heads, windows
+from kvbench.policies.base import ALL_ROWS, Context, Needs, ScorerPolicy, recent, sinks, to_kv_heads, windows
 
 RULES = ("sliding_window", "replace_lowest", "merge")
 MERGE_BLOCK = 256  # evicted slots compared with the kept ones per block (bounds the similarity matrix)
@@ -41,18 +41,14 @@ class FixedCapacityPolicy(ScorerPolicy):
 
     rule: str = "merge"
     n_sink: int = 4
+    needs = Needs(
+        query_rows=lambda p: 0 if p.rule == "sliding_window" else ALL_ROWS,
+        decode_rows=lambda p: p.rule != "sliding_window",
+    )
 
     def __post_init__(self) -> None:
         if self.rule not in RULES:
             raise UserError(f"fixed_capacity rule must be one of {', '.join(RULES)}, not '{self.rule}'")
-
-    @property
-    def query_rows(self) -> int:
-        return 0 if self.rule == "sliding_window" else ALL_ROWS
-
-    @property
-    def decode_rows(self) -> bool:
-        return self.rule != "sliding_window"
 
     def observe(self, layer: LayerCache, probs: torch.Tensor, query_positions: torch.Tensor, ctx: Context) -> None:
         layer.stat("fixed_capacity").add_(to_kv_heads(probs, ctx.group_size).sum(2))

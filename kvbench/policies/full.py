@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvbench.policies.base import Policy
+from kvbench.policies.base import Needs, Policy
 
 
 @dataclass
 class FullCache(Policy):
     """Keep every key and value. Phase: none. Budget: ignored (1.0)."""
 
-    phase = "prefill"
-    needs_budget = False
+    needs = Needs(phase="prefill", budget="full")

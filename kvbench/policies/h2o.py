@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from kvbench.cache import LayerCache
-from kvbench.policies.base import ALL_ROWS, Context, ScorerPolicy, recent, to_kv_heads, windows
+from kvbench.policies.base import ALL_ROWS, Context, Needs, ScorerPolicy, recent, to_kv_heads, windows
 
 
 @dataclass
@@ -22,8 +22,7 @@ class H2OPolicy(ScorerPolicy):
     """
 
     recent_fraction: float = 0.5
-    query_rows = ALL_ROWS
-    decode_rows = True
+    needs = Needs(query_rows=ALL_ROWS, decode_rows=True)
 
     def observe(self, layer: LayerCache, probs: torch.Tensor, query_positions: torch.Tensor, ctx: Context) -> None:
         layer.stat("h2o").add_(to_kv_heads(probs, ctx.group_size).sum(2))

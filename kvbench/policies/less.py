@@ -16,7 +16,7 @@ from kvbench.attention import ROW_BLOCK, visible
 from kvbench.cache import LayerCache
 from kvbench.config import CONFIG_DIR
 from kvbench.errors import UserError
-from kvbench.policies.base import Context, Policy
+from kvbench.policies.base import Context, Needs, Policy
 from kvbench.policies.h2o import H2OPolicy
 from kvbench.policies.streaming_llm import StreamingLLMPolicy
 
@@ -105,6 +105,12 @@ class LESSPolicy(Policy):
     rank: int = 8
     kernels: str | None = None
     model: str | None = None  # checked against the manifest when given (the YAML passes ${model.name})
+    # The base decides which attention rows are needed and when to evict.
+    needs = Needs(
+        phase=lambda p: p._sparse.needed().phase,
+        query_rows=lambda p: p._sparse.needed().query_rows,
+        decode_rows=lambda p: p._sparse.needed().decode_rows,
+    )
 
     def __post_init__(self) -> None:
         if self.base not in BASES:
@@ -113,10 +119,6 @@ class LESSPolicy(Policy):
             self._sparse: Policy = H2OPolicy(recent_fraction=self.recent_fraction)
         else:
             self._sparse = StreamingLLMPolicy(n_sink=self.n_sink)
-        # The engine reads these per instance: the base decides which attention rows it needs.
-        self.phase = self._sparse.phase
-        self.query_rows = self._sparse.query_rows
-        self.decode_rows = self._sparse.decode_rows
         self._layers: list[Kernels] | None = None
         self.manifest: dict[str, Any] = {}
 

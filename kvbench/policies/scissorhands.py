@@ -8,7 +8,7 @@ import torch
 
 from kvbench.cache import LayerCache
 from kvbench.errors import UserError
-from kvbench.policies.base import Context, ScorerPolicy, below_uniform, recent, windows
+from kvbench.policies.base import Context, Needs, ScorerPolicy, below_uniform, recent, windows
 
 # Set bits of every byte value: popcount of a packed history by table lookup.
 _POPCOUNT = torch.tensor([bin(value).count("1") for value in range(256)], dtype=torch.int16)
@@ -35,17 +35,13 @@ class ScissorhandsPolicy(ScorerPolicy):
     window: int = 400
     recent: int = 10
     threshold: str = "step"
-    decode_rows = True
+    needs = Needs(query_rows=lambda p: p.window, decode_rows=True)
 
     def __post_init__(self) -> None:
         if self.threshold not in ("step", "cache"):
             raise UserError(f"scissorhands threshold must be 'step' or 'cache', not '{self.threshold}'")
         if self.window < 1 or self.recent < 0:
             raise UserError(f"scissorhands needs window >= 1 and recent >= 0, got {self.window}, {self.recent}")
-
-    @property
-    def query_rows(self) -> int:
-        return self.window
 
     def observe(self, layer: LayerCache, probs: torch.Tensor, query_positions: torch.Tensor, ctx: Context) -> None:
         """Write one ring bit per row of probs [B, H, q, T] for every slot: 1 = unimportant."""

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from kvbench.cache import LayerCache
-from kvbench.policies.base import Context, ScorerPolicy, recent, to_kv_heads, windows
+from kvbench.policies.base import Context, Needs, ScorerPolicy, recent, to_kv_heads, windows
 
 
 @dataclass
@@ -27,11 +27,7 @@ class SnapKVPolicy(ScorerPolicy):
     window: int = 32
     kernel: int = 7
     pooling: Literal["max", "avg"] = "max"
-    phase = "prefill"
-
-    @property
-    def query_rows(self) -> int:
-        return self.window
+    needs = Needs(phase="prefill", query_rows=lambda p: p.window)
 
     def observe(self, layer: LayerCache, probs: torch.Tensor, query_positions: torch.Tensor, ctx: Context) -> None:
         layer.stat("snapkv").add_(to_kv_heads(probs, ctx.group_size).sum(2))

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from kvbench.cache import LayerCache
-from kvbench.policies.base import Context, ScorerPolicy, rotate, sinks, windows
+from kvbench.policies.base import Context, Needs, ScorerPolicy, rotate, sinks, windows
 
 
 @dataclass
@@ -23,8 +23,8 @@ class StreamingLLMPolicy(ScorerPolicy):
 
     n_sink: int = 4
     position_shift: bool = False
-
-    heads_aligned = True  # sinks and recency: the same positions in every head
+    # Sinks and recency: the same positions in every head. The RoPE variant follows the hyper-parameter.
+    needs = Needs(position_shift=lambda p: p.position_shift, heads_aligned=True)
 
     def before_keep(self, layer: LayerCache, keep: torch.Tensor, ctx: Context) -> None:
         if self.position_shift:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from kvbench.cache import LayerCache
-from kvbench.policies.base import Context, ScorerPolicy
+from kvbench.policies.base import Context, Needs, ScorerPolicy
 
 
 @dataclass
@@ -19,8 +19,7 @@ class TOVAPolicy(ScorerPolicy):
     or tokens (the paper's multi-state size). Needs only the last row.
     """
 
-    query_rows = 1
-    decode_rows = True
+    needs = Needs(query_rows=1, decode_rows=True)
 
     def observe(self, layer: LayerCache, probs: torch.Tensor, query_positions: torch.Tensor, ctx: Context) -> None:
         last = probs[:, :, -1].mean(1, keepdim=True)  # [B, 1, T]: mean over all query heads

@@ -15,7 +15,7 @@ import torch
 
 from kvbench.cache import LayerCache
 from kvbench.errors import UserError
-from kvbench.policies.base import Context, Policy, ScorerPolicy
+from kvbench.policies.base import Context, Needs, Policy, ScorerPolicy
 
 
 def scorer_names() -> list[str]:
@@ -23,11 +23,11 @@ def scorer_names() -> list[str]:
     from hydra.utils import get_class
     from omegaconf import OmegaConf
 
-    from kvbench.config import CONFIG_DIR, options
+    from kvbench.policies import CONFIGS
 
     names = []
-    for name in options("policy"):
-        cls = get_class(OmegaConf.load(CONFIG_DIR / "policy" / f"{name}.yaml")._target_)
+    for name in sorted(path.stem for path in CONFIGS.glob("*.yaml")):
+        cls = get_class(OmegaConf.load(CONFIGS / f"{name}.yaml")._target_)
         if issubclass(cls, ScorerPolicy) and not issubclass(cls, WrapperPolicy):
             names.append(name)
     return names
@@ -35,18 +35,18 @@ def scorer_names() -> list[str]:
 
 def build_scorer(wrapper: str, name: str, params: dict[str, Any]) -> ScorerPolicy:
     """The scorer ``name`` from its config with ``params`` over it (one-line ``UserError`` on bad input)."""
-    from hydra.utils import get_class, instantiate
+    from hydra.utils import get_class
     from omegaconf import OmegaConf
 
-    from kvbench.config import CONFIG_DIR, check_fields
+    from kvbench.config import check_fields
+    from kvbench.policies import CONFIGS, build
 
     valid = scorer_names()
     if name not in valid:
         raise UserError(f"{wrapper}: unknown scorer '{name}'; valid: {', '.join(valid)}")
-    node = OmegaConf.load(CONFIG_DIR / "policy" / f"{name}.yaml")
-    check_fields(get_class(node._target_), params, prefix="policy.scorer_params.")
-    inner = instantiate(node, **params)
-    if inner.position_shift:
+    check_fields(get_class(OmegaConf.load(CONFIGS / f"{name}.yaml")._target_), params, prefix="policy.scorer_params.")
+    inner = build(name, **params)
+    if inner.needed().position_shift:
         raise UserError(f"{wrapper}: a scorer with position_shift=true cannot be wrapped (its positions are ranks)")
     return inner
 
@@ -57,6 +57,14 @@ class WrapperPolicy(Policy):
 
     scorer: str = "snapkv"
     scorer_params: dict[str, Any] = field(default_factory=dict)
+    # The scorer decides the phase and what the engine hands over (attention rows, queries).
+    needs = Needs(
+        phase=lambda p: p.inner.needed().phase,
+        query_rows=lambda p: p.inner.needed().query_rows,
+        decode_rows=lambda p: p.inner.needed().decode_rows,
+        queries=lambda p: p.inner.needed().queries,
+        decode_queries=lambda p: p.inner.needed().decode_queries,
+    )
 
     def __post_init__(self) -> None:
         from omegaconf import DictConfig, OmegaConf
@@ -65,10 +73,6 @@ class WrapperPolicy(Policy):
             self.scorer_params = OmegaConf.to_container(self.scorer_params, resolve=True)
         self.inner = build_scorer(self.name, self.scorer, dict(self.scorer_params))
         self.inner.selector = self.choose
-        # The engine reads these per instance: the scorer decides the phase and which attention rows it needs.
-        self.phase = self.inner.phase
-        self.query_rows = self.inner.query_rows
-        self.decode_rows = self.inner.decode_rows
 
     def choose(
         self, layer: LayerCache, scores: torch.Tensor, capacity: torch.Tensor, protected: torch.Tensor | None
@@ -82,6 +86,11 @@ class WrapperPolicy(Policy):
 
     def observe(self, layer: LayerCache, probs: torch.Tensor, query_positions: torch.Tensor, ctx: Context) -> None:
         self.inner.observe(layer, probs, query_positions, ctx)
+
+    def observe_queries(
+        self, layer: LayerCache, queries: torch.Tensor, query_positions: torch.Tensor, ctx: Context
+    ) -> None:
+        self.inner.observe_queries(layer, queries, query_positions, ctx)
 
     def select(self, layer: LayerCache, ctx: Context) -> torch.Tensor | None:
         return self.inner.select(layer, ctx)

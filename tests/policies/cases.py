@@ -41,6 +41,12 @@ POLICIES = {
 # entry in POLICIES): with T = 1 every head is full.
 FULL_EQUIVALENT = {"corm": {"w": 100000}, "fastgen": {"recovery": 1.0}}
 
+# Configs the matrix does not run, and why (each is tested in its own file).
+ELSEWHERE = {
+    "full": "the reference every matrix test compares with",
+    "less": "needs trained kernels: tests/policies/test_less.py builds them",
+}
+
 # Side state (positions, statistics, policy state) allowed beside the KV bytes, as a share of them. The default
 # covers int32 positions plus a float score per slot. Scissorhands keeps an exact history of the last 400
 # attention rows: 400 bits = 50 bytes per slot, 20% of the tiny test model's 256 bytes of fp32 K+V per slot

@@ -103,7 +103,7 @@ def test_capped_mode_applies_the_rule_first():
 
 
 def test_prefill_none_observes_no_prompt_rows():
-    assert CORMPolicy(w=7).query_rows == 7 and CORMPolicy(prefill="none").query_rows == 0
+    assert CORMPolicy(w=7).needed().query_rows == 7 and CORMPolicy(prefill="none").needed().query_rows == 0
 
 
 def test_cache_threshold_uses_the_keys_held():

@@ -3,11 +3,12 @@ per head, padding excluded; and no attention row is ever computed for it."""
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
-import kvbench.attention
 from kvbench.cache import EMPTY, LayerCache
-from kvbench.policies.base import Budget
+from kvbench.policies.base import Budget, Needs
 from kvbench.policies.keydiff import KeyDiffPolicy
 
 from .hand import context
@@ -35,7 +36,10 @@ def test_keydiff_needs_no_attention_rows(tiny, data_dir, monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("keydiff asked for attention rows")
 
-    monkeypatch.setattr(kvbench.attention, "attention_probs", forbidden)
+    from .test_matrix import Engine
+
+    monkeypatch.setattr(sys.modules[Engine.__module__], "attention_probs", forbidden)  # wherever the engine lives
+    assert KeyDiffPolicy().needed() == Needs()  # no rows, no queries
     model, tokenizer = tiny
     ids = essay_ids(data_dir, tokenizer, [(0, 800)])
     _, engine = run(model, tokenizer, KeyDiffPolicy(), Budget("fraction", 0.3), ids, 4)
