@@ -32,6 +32,7 @@ POLICIES = {
     "corm": _recent(lambda p, c: torch.where(c >= p.r, p.r, 0)),
     "scissorhands": _recent(lambda p, c: torch.where(c >= p.recent, p.recent, 0)),
     "keydiff": None,
+    "adakv": _recent(lambda p, c: torch.where(c >= p.inner.window, p.inner.window, 0)),
     "chunkkv": _recent(lambda p, c: torch.where(c >= p.inner.window, p.inner.window, 0)),
     "fixed_capacity": lambda p, *a: (_sinks if p.rule == "sliding_window" else _recent(lambda p, c: 1))(p, *a),
 }
@@ -40,6 +41,10 @@ POLICIES = {
 # budget; nothing can be minor for w consecutive queries when w exceeds the sequence). FastGen is budget-free (no
 # entry in POLICIES): with T = 1 every head is full.
 FULL_EQUIVALENT = {"corm": {"w": 100000}, "fastgen": {"recovery": 1.0}}
+
+# Head-adaptive policies: the budget holds per (layer, example), capacity x Hkv over its KV heads; a single head
+# may hold more than the capacity.
+LAYER_BUDGET = {"adakv"}
 
 # Configs the matrix does not run, and why (each is tested in its own file).
 ELSEWHERE = {
