@@ -1,7 +1,8 @@
 """kvbench: a benchmarking harness for KV-cache eviction in LLM inference.
 
 ``kvbench.evaluate`` and ``kvbench.generate`` (the library API, ``kvbench/api.py``) load on first use, so that
-``import kvbench`` (plots, reports) stays free of torch. The engine's ``generate``: ``from kvbench.generate import``.
+``import kvbench`` (plots, reports) stays free of torch. The engine's ``generate``:
+``from kvbench.engine.generate import generate``.
 """
 
 __version__ = "0.1.0"

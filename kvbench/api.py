@@ -12,10 +12,10 @@ from typing import Any
 import torch
 from hydra import compose, initialize_config_dir
 
-from kvbench.attention import Engine
 from kvbench.batching import collate
 from kvbench.config import CONFIG_DIR, check_option
-from kvbench.generate import generate as decode
+from kvbench.engine import make_engine
+from kvbench.engine.generate import generate as decode
 from kvbench.policies import build
 from kvbench.policies.base import Budget
 from kvbench.runner import _eos_ids, run
@@ -94,34 +94,17 @@ def generate(
     chosen = build(cfg.get("policy"))
     _prepare(model, tokenizer)
     chosen.bind(tokenizer)
-    config = model.config
-    engine = Engine(
-        chosen,
-        Budget.from_config(cfg.budget, None),
-        config.num_hidden_layers,
-        config.num_attention_heads // config.num_key_value_heads,
-    )
+    engine = make_engine(model, chosen, Budget.from_config(cfg.budget, None))
     device = next(model.parameters()).device
     encoded = [[tokenizer.encode(prompt, add_special_tokens=True), []] for prompt in prompts]
     batch = collate(encoded, tokenizer.pad_token_id, device)
     out = decode(model, engine, batch, max_new_tokens, _eos_ids(model, tokenizer), chunk_size=chunk_size)
-    kept = engine.kept_fraction()
+    kept = engine.meters.kept_fraction()
     return [
         {
             "text": tokenizer.decode(tokens, skip_special_tokens=True),
             "kv_kept_fraction": float(kept[row]),
-            "kv_bytes": engine.peak_nbytes,
+            "kv_bytes": engine.meters.peak_nbytes,
         }
         for row, tokens in enumerate(out.tokens)
     ]
-
-
-def _bind_package() -> None:
-    """Importing this module imported the submodule ``kvbench.generate``, which shadows the API's function."""
-    import kvbench
-
-    kvbench.generate = generate
-    kvbench.evaluate = evaluate
-
-
-_bind_package()

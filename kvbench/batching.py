@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 
+from kvbench.engine.generate import Batch
 from kvbench.errors import UserError
-from kvbench.generate import Batch
 from kvbench.prompting import truncate_middle
 from kvbench.tasks.base import Example
 

@@ -13,9 +13,9 @@ from typing import Any
 
 import torch
 
-from kvbench.attention import Engine
 from kvbench.batching import collate
-from kvbench.generate import generate, synchronize
+from kvbench.engine import make_engine
+from kvbench.engine.generate import generate, synchronize
 from kvbench.measure import HostSyncCounter
 from kvbench.policies.base import Budget, Policy
 
@@ -28,15 +28,10 @@ class Timing:
     peak_bytes: int  # CUDA max allocated over the run (0 on CPU)
 
 
-def _engine(model: torch.nn.Module, policy: Policy, budget: Budget) -> Engine:
-    config = model.config
-    return Engine(policy, budget, config.num_hidden_layers, config.num_attention_heads // config.num_key_value_heads)
-
-
 def kvbench_run(model, tokenizer, policy: Policy, budget: Budget, ids: list[list[int]], new_tokens: int, device):
     """One kvbench generation of ``new_tokens`` for the batch ``ids``; returns (Generation, Engine)."""
     policy.bind(tokenizer)
-    engine = _engine(model, policy, budget)
+    engine = make_engine(model, policy, budget)
     batch = collate([[row, []] for row in ids], tokenizer.pad_token_id or 0, device)
     return generate(model, engine, batch, new_tokens, set(), chunk_size=1024), engine
 
@@ -47,7 +42,7 @@ def time_kvbench(model, tokenizer, policy_factory, budget: Budget, ids, steps: i
         torch.cuda.reset_peak_memory_stats(device)
     out, engine = kvbench_run(model, tokenizer, policy_factory(), budget, ids, steps + 1, device)
     peak = torch.cuda.max_memory_allocated(device) if torch.device(device).type == "cuda" else 0
-    return Timing(out.prefill_s, 1000 * out.decode_s / steps, float(engine.kept_fraction().mean()), peak)
+    return Timing(out.prefill_s, 1000 * out.decode_s / steps, float(engine.meters.kept_fraction().mean()), peak)
 
 
 def time_hf_generate(model, ids: list[list[int]], steps: int, device) -> Timing:

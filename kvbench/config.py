@@ -126,7 +126,7 @@ class Settings:
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    attention: str = "sdpa"  # checked against kvbench.attention.KERNELS by runner.check_kernel
+    attention: str = "sdpa"  # checked against kvbench.engine.kernels.KERNELS by runner.check_kernel
     batch_size: int = positive(1)
     chunk_size: int = positive(1024)
     prefill_eviction: Literal["whole", "chunked"] = "whole"

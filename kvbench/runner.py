@@ -28,11 +28,12 @@ from tqdm import tqdm
 
 import kvbench
 from kvbench import models, policies
-from kvbench.attention import KERNELS, Engine
 from kvbench.batching import collate, encode, length_grouped, needle_span
 from kvbench.config import check_fields, check_settings
+from kvbench.engine.engine import Engine, make_engine
+from kvbench.engine.generate import Batch, generate
+from kvbench.engine.kernels import KERNELS
 from kvbench.errors import UserError
-from kvbench.generate import Batch, generate
 from kvbench.measure import peak_kind
 from kvbench.policies.base import Budget, Policy
 from kvbench.store import ResultStore
@@ -172,9 +173,6 @@ class Runner:
         self.dtype = resolve_dtype(cfg.dtype, self.device)
         torch.manual_seed(cfg.seed)
         self.model, self.tokenizer = loaded or loaded_model(run.spec, self.device, self.dtype)
-        config = self.model.config
-        self.n_layers = config.num_hidden_layers
-        self.group_size = config.num_attention_heads // config.num_key_value_heads
         self.stop_ids = _eos_ids(self.model, self.tokenizer)
         run.policy.bind(self.tokenizer)
         self._warm_up()
@@ -194,9 +192,7 @@ class Runner:
 
     def engine(self, policy: Policy, budget: Budget) -> Engine:
         cfg = self.plan.cfg
-        return Engine(
-            policy, budget, self.n_layers, self.group_size, diagnostics=bool(cfg.diagnostics), kernel=cfg.attention
-        )
+        return make_engine(self.model, policy, budget, diagnostics=bool(cfg.diagnostics), kernel=cfg.attention)
 
     def run_task(self, task: Task) -> dict[str, Any] | None:
         """Evaluate one task, resuming from predictions on disk; returns its row (None if already done)."""
@@ -311,9 +307,11 @@ class Runner:
             evict_per_chunk=cfg.prefill_eviction == "chunked",
             stopped=stopped,
         )
-        kept = engine.kept_fraction()
-        per_layer = engine.final_kept_per_head()  # [L, B, Hkv]
-        mass = engine.attention_mass()
+        meters = engine.meters
+        kept = meters.kept_fraction()
+        per_layer = meters.final_kept_per_head(engine.cache, engine.seen())  # [L, B, Hkv]
+        mass = meters.attention_mass()
+        full_nbytes = meters.full_nbytes(engine.cache, int(engine.seen().max()))
         policy_diagnostics = self.plan.policy.diagnostics(engine.cache)
         prompt_tokens = batch.attention_mask.sum(-1).tolist()
         width = len(examples)
@@ -341,11 +339,11 @@ class Runner:
                     "attention_mass_retained": None if mass is None else float(mass[row]),
                     # Per example (the engine counts the whole batch, padding included): batch_size stays
                     # out of the config hash, so these must not depend on it.
-                    "kv_bytes": engine.peak_nbytes // width,
-                    "kv_payload_bytes": engine.peak_kv_nbytes // width,
-                    "kv_bytes_decode": engine.peak_decode_nbytes // width,
-                    "kv_bytes_full": engine.full_nbytes() // width,
-                    "kv_bytes_batch": engine.peak_nbytes,
+                    "kv_bytes": meters.peak_nbytes // width,
+                    "kv_payload_bytes": meters.peak_kv_nbytes // width,
+                    "kv_bytes_decode": meters.peak_decode_nbytes // width,
+                    "kv_bytes_full": full_nbytes // width,
+                    "kv_bytes_batch": meters.peak_nbytes,
                     "prefill_s": out.prefill_s * share,
                     "decode_s": out.decode_s * share,
                     "ttft_s": out.prefill_s,

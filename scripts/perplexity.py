@@ -9,7 +9,7 @@ Text: the first ``--docs`` LongBench multi_news documents (from the data dir) wi
 tokens; LESS kernels are trained on the Paul Graham essays, so this text is out of their training domain, as
 WikiText is for the paper's C4 kernels. Each document's first ``--prefix`` tokens are prefilled (and compressed
 by the policy); the next ``--target`` tokens are read one decode step each, the policy evicting after every step
-(``kvbench.generate.teacher_forced_nll``). Perplexity is exp of the mean NLL over all target tokens.
+(``kvbench.engine.generate.teacher_forced_nll``). Perplexity is exp of the mean NLL over all target tokens.
 
 A run is ``POLICY [budget=F] [plus=N] [key=value ...]``: keys other than budget and plus override the policy's
 YAML. ``plus=N`` gives the policy N more cache entries per head than the budget (the paper's "Baseline+": H2O+ or
@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from kvbench.attention import Engine
 from kvbench.batching import collate
 from kvbench.config import CONFIG_DIR, model_spec
-from kvbench.generate import teacher_forced_nll
+from kvbench.engine import make_engine
+from kvbench.engine.generate import teacher_forced_nll
 from kvbench.models import load
 from kvbench.policies import build
 from kvbench.policies.base import Budget
@@ -93,19 +93,17 @@ def evaluate(model, tokenizer, run: Run, docs: list[list[int]], prefix: int, bat
     """Per-document mean NLL, perplexity over all target tokens, kept fraction and peak cache bytes of one run
     (keys, values and side state such as LESS's; overall, i.e. the whole prompt before compression, and while
     reading the targets)."""
-    config = model.config
-    group = config.num_attention_heads // config.num_key_value_heads
     run.policy.bind(tokenizer)
     nll, kept, peak, decode_peak = [], [], 0, 0
     for start in range(0, len(docs), batch_size):
         chunk = docs[start : start + batch_size]
-        engine = Engine(run.policy, run.budget, config.num_hidden_layers, group)
+        engine = make_engine(model, run.policy, run.budget)
         batch = collate([[doc[:prefix], []] for doc in chunk], tokenizer.pad_token_id, "cpu")
         targets = torch.tensor([doc[prefix:] for doc in chunk])
         nll.append(teacher_forced_nll(model, engine, batch, targets, chunk_size=1024))
-        kept += engine.kept_fraction().tolist()
-        peak = max(peak, engine.peak_nbytes)
-        decode_peak = max(decode_peak, engine.peak_decode_nbytes)
+        kept += engine.meters.kept_fraction().tolist()
+        peak = max(peak, engine.meters.peak_nbytes)
+        decode_peak = max(decode_peak, engine.meters.peak_decode_nbytes)
     nll = torch.cat(nll)
     return {
         "run": run.spec,

@@ -43,8 +43,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kvbench.attention import ROW_BLOCK
 from kvbench.config import model_spec
+from kvbench.engine.kernels import ROW_BLOCK
 from kvbench.models import load
 from kvbench.policies.base import Budget, top_capacity
 from kvbench.policies.less import Kernels, default_kernels_dir, load_kernels

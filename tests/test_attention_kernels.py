@@ -9,10 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kvbench.attention import Engine, attention, has_empty, sdpa_masking, visible
 from kvbench.batching import collate
 from kvbench.cache import EMPTY, LayerCache
-from kvbench.generate import generate
+from kvbench.engine import make_engine
+from kvbench.engine.generate import generate
+from kvbench.engine.kernels import attention, has_empty, sdpa_masking, visible
 from kvbench.policies.base import Budget
 from kvbench.policies.full import FullCache
 
@@ -118,11 +119,9 @@ def test_flash_attention_2_generation_equals_sdpa(tiny, fake_flash_attn):
     """Whole greedy generation on the tiny GQA model (one prompt, chunked prefill): identical tokens."""
     model, tokenizer = tiny
     ids = [[list(range(3, 200)), []]]
-    config = model.config
-    group = config.num_attention_heads // config.num_key_value_heads
     tokens = {}
     for kernel in ("sdpa", "flash_attention_2"):
-        engine = Engine(FullCache(), Budget(), config.num_hidden_layers, group, kernel=kernel)
+        engine = make_engine(model, FullCache(), Budget(), kernel=kernel)
         batch = collate(ids, tokenizer.pad_token_id or 0, "cpu")
         tokens[kernel] = generate(model, engine, batch, 12, set(), chunk_size=64).tokens
     assert fake_flash_attn and tokens["flash_attention_2"] == tokens["sdpa"]

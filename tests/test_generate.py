@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from kvbench.attention import Engine
 from kvbench.batching import collate
-from kvbench.generate import generate, teacher_forced_nll
+from kvbench.engine import make_engine
+from kvbench.engine.generate import generate, teacher_forced_nll
 from kvbench.policies.base import Budget
 from kvbench.policies.full import FullCache
 from kvbench.policies.streaming_llm import StreamingLLMPolicy
@@ -22,9 +22,7 @@ def _prompts(data_dir, tokenizer, sizes):
 
 
 def _engine(model, policy=None, budget=None):
-    config = model.config
-    group = config.num_attention_heads // config.num_key_value_heads
-    return Engine(policy or FullCache(), budget or Budget(), config.num_hidden_layers, group)
+    return make_engine(model, policy or FullCache(), budget or Budget())
 
 
 def _reference(model, tokenizer, texts, max_new_tokens):
@@ -75,7 +73,7 @@ def test_cache_holds_every_token_and_no_hooks_remain(tiny, data_dir):
     assert all(int(layer.held().min()) == seen for layer in engine.cache.layers)
     assert model.config._attn_implementation != "kvbench"
     assert not any(hasattr(module, "kvbench_engine") for module in model.modules())
-    assert torch.isclose(engine.kept_fraction(), torch.ones(1, dtype=torch.float64)).all()
+    assert torch.isclose(engine.meters.kept_fraction(), torch.ones(1, dtype=torch.float64)).all()
 
 
 def test_teacher_forced_nll_full_cache_equals_one_forward_pass(smollm2, data_dir):

@@ -13,13 +13,14 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from kvbench.batching import collate
-from kvbench.generate import generate
+from kvbench.engine import make_engine
+from kvbench.engine.generate import generate
 from kvbench.measure import HostSyncCounter
 from kvbench.policies.base import Budget
 from kvbench.policies.full import FullCache
 
 from .policies.cases import POLICIES
-from .policies.test_matrix import engine_for, essay_ids, make_policy
+from .policies.test_matrix import essay_ids, make_policy
 
 STEPS = (3, 9)
 
@@ -42,7 +43,7 @@ def syncs_per_decode_step(model, tokenizer, make, budget, ids) -> float:
     for steps in STEPS:
         policy = make()
         policy.bind(tokenizer)
-        engine = engine_for(model, policy, budget)
+        engine = make_engine(model, policy, budget)
         batch = collate(ids, tokenizer.pad_token_id or 0, "cpu")
         with HostSyncCounter() as counter:
             generate(model, engine, batch, steps + 1, set(), chunk_size=64)
@@ -84,14 +85,10 @@ def test_diagnostics_are_off_by_default_and_part_of_the_config_hash(make_config)
 def test_sampled_diagnostics_measure_the_attention_mass(tiny, data_dir):
     model, tokenizer = tiny
     ids = essay_ids(data_dir, tokenizer, [(0, 400)])
-    config = model.config
-    from kvbench.attention import Engine
-
-    group = config.num_attention_heads // config.num_key_value_heads
     policy = make_policy("streaming_llm")
-    engine = Engine(policy, Budget("fraction", 0.3), config.num_hidden_layers, group, diagnostics=True)
-    engine.diagnostics_every = 4
+    engine = make_engine(model, policy, Budget("fraction", 0.3), diagnostics=True)
+    engine.meters.diagnostics_every = 4
     generate(model, engine, collate(ids, tokenizer.pad_token_id or 0, "cpu"), 10, set(), chunk_size=64)
-    assert engine.mass_steps == 3  # decode steps 0, 4 and 8 of 9
-    mass = float(engine.attention_mass()[0])
+    assert engine.meters.mass_steps == 3  # decode steps 0, 4 and 8 of 9
+    mass = float(engine.meters.attention_mass()[0])
     assert 0 < mass < 1

@@ -14,9 +14,9 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from kvbench.attention import Engine
 from kvbench.config import model_spec
-from kvbench.generate import Batch, generate
+from kvbench.engine.engine import Engine
+from kvbench.engine.generate import Batch, generate
 from kvbench.models import SUPPORTED_ARCHITECTURES, load
 from kvbench.policies.base import Budget
 from kvbench.policies.full import FullCache

@@ -12,9 +12,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from kvbench.attention import ROW_BLOCK, visible
 from kvbench.cache import LayerCache
 from kvbench.config import CONFIG_DIR
+from kvbench.engine.kernels import ROW_BLOCK, visible
 from kvbench.errors import UserError
 from kvbench.policies.base import Context, Needs, Policy
 from kvbench.policies.h2o import H2OPolicy

@@ -14,10 +14,10 @@ import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import kvbench.policies
-from kvbench.attention import Engine
 from kvbench.batching import collate
+from kvbench.engine import make_engine
+from kvbench.engine.generate import generate
 from kvbench.errors import UserError
-from kvbench.generate import generate
 from kvbench.policies import build
 from kvbench.policies.base import ALL_ROWS, Budget, Needs, Policy
 from kvbench.policies.full import FullCache
@@ -76,9 +76,7 @@ def test_the_query_hook_receives_the_models_queries(tiny, data_dir):
     assert 0 < width % CHUNK < WINDOW  # the window spans the last two prefill chunks
     policy = RecordingPolicy()
     config = model.config
-    engine = Engine(
-        policy, Budget(), config.num_hidden_layers, config.num_attention_heads // config.num_key_value_heads
-    )
+    engine = make_engine(model, policy, Budget())
     expected, handles = hand_queries(model)
     try:
         out = generate(model, engine, batch, 4, set(), chunk_size=CHUNK)
@@ -107,10 +105,7 @@ def test_all_rows_passes_every_prompt_query_once(tiny):
     ids = [[list(range(5, 75)), []], [list(range(9, 40)), []]]
     batch = collate(ids, tokenizer.pad_token_id, "cpu")
     policy = RecordingPolicy(window=ALL_ROWS)
-    config = model.config
-    engine = Engine(
-        policy, Budget(), config.num_hidden_layers, config.num_attention_heads // config.num_key_value_heads
-    )
+    engine = make_engine(model, policy, Budget())
     generate(model, engine, batch, 1, set(), chunk_size=16)
     positions = torch.cat([c[2] for c in policy.calls[0] if c[0] == "prefill"], dim=1)
     assert torch.equal(positions, batch.positions)
@@ -124,7 +119,7 @@ def test_a_policy_without_query_needs_gets_no_queries(tiny):
         needs = Needs(budget="optional")
 
     policy = Quiet()
-    engine = Engine(policy, Budget(), model.config.num_hidden_layers, 2)
+    engine = make_engine(model, policy, Budget())
     generate(model, engine, collate([[list(range(5, 40)), []]], tokenizer.pad_token_id, "cpu"), 3, set())
     assert policy.calls == {}
 

@@ -255,7 +255,7 @@ def test_t_of_one_reproduces_the_full_cache_on_tiny(tiny, data_dir):
     full, _ = run(model, tokenizer, FullCache(), Budget(), ids, 12)
     tokens, engine = run(model, tokenizer, bound(tokenizer, 1.0), Budget(), ids, 12)
     assert tokens == full
-    assert torch.allclose(engine.kept_fraction(), torch.ones(2, dtype=torch.float64))
+    assert torch.allclose(engine.meters.kept_fraction(), torch.ones(2, dtype=torch.float64))
 
 
 def test_t_of_one_reproduces_the_full_cache_on_smollm2(smollm2, data_dir):
@@ -272,7 +272,7 @@ def test_a_real_run_compresses_and_reports_its_choices(tiny, data_dir):
     fastgen = bound(tokenizer, 0.9)
     _, engine = run(model, tokenizer, fastgen, Budget(), ids, 4, chunk_size=128)
     report = fastgen.diagnostics(engine.cache)
-    assert bool((engine.kept_fraction() < 1).all())
+    assert bool((engine.meters.kept_fraction() < 1).all())
     assert len(report) == 2  # one per example
     assert all(sum(r["fastgen_choice_counts"].values()) == 4 * 2 for r in report)  # layers x KV heads
     assert all(x >= 0.9 - 1e-6 for r in report for heads in r["fastgen_recovery"] for x in heads)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvbench.attention import Engine
 from kvbench.batching import collate
 from kvbench.cache import LayerCache
-from kvbench.generate import generate
+from kvbench.engine.engine import Engine
+from kvbench.engine.generate import generate
 from kvbench.policies.base import Budget
 from kvbench.policies.fixed_capacity import RULES, FixedCapacityPolicy
 

@@ -10,8 +10,8 @@ import math
 import pytest
 import torch
 
-from kvbench.attention import Engine, Step
 from kvbench.config import CONFIG_DIR
+from kvbench.engine.engine import Engine, Step
 from kvbench.errors import UserError
 from kvbench.policies.base import Budget
 from kvbench.policies.full import FullCache
@@ -57,8 +57,8 @@ def test_state_and_combined_attention_match_the_dense_formula(tmp_path):
     v = torch.randn(batch, kv_heads, prompt + 1, dim)
     scale = 1 / math.sqrt(dim)
     positions = torch.arange(prompt + 1)[None].expand(batch, -1)
-    engine.step = Step(positions[:, :prompt], "prefill", evict=True)
-    engine.attend(0, q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt], scale)
+    step = Step(positions[:, :prompt], "prefill", evict=True)
+    engine.attend(0, q[:, :, :prompt], k[:, :, :prompt], v[:, :, :prompt], scale, step)
     layer = engine.cache.layers[0]
     held = torch.zeros(batch, kv_heads, prompt + 1, dtype=torch.bool)
     held.scatter_(-1, layer.positions.long(), True)
@@ -70,8 +70,8 @@ def test_state_and_combined_attention_match_the_dense_formula(tmp_path):
         torch.testing.assert_close(layer.extra["less_z"], psi.sum(2))
         torch.testing.assert_close(layer.extra["less_h"], psi.transpose(-1, -2) @ v[:, :, :prompt])
 
-    engine.step = Step(positions[:, prompt:], "decode", evict=True)
-    out = engine.attend(0, q[:, :, prompt:], k[:, :, prompt:], v[:, :, prompt:], scale)  # [B, 1, H, D]
+    step = Step(positions[:, prompt:], "decode", evict=True)
+    out = engine.attend(0, q[:, :, prompt:], k[:, :, prompt:], v[:, :, prompt:], scale, step)  # [B, 1, H, D]
 
     held[..., prompt] = True
     with torch.no_grad():

@@ -8,10 +8,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvbench.attention import Engine
 from kvbench.batching import collate
 from kvbench.cache import EMPTY
-from kvbench.generate import generate
+from kvbench.engine import make_engine
+from kvbench.engine.generate import generate
 from kvbench.policies import CONFIGS, build
 from kvbench.policies.base import Budget
 from kvbench.policies.full import FullCache
@@ -23,11 +23,6 @@ def make_policy(name: str, **overrides):
     return build(name, **overrides)
 
 
-def engine_for(model, policy, budget: Budget) -> Engine:
-    config = model.config
-    return Engine(policy, budget, config.num_hidden_layers, config.num_attention_heads // config.num_key_value_heads)
-
-
 def essay_ids(data_dir, tokenizer, offsets_and_sizes):
     essay = (data_dir / "haystack" / "PaulGrahamEssays" / "worked.txt").read_text()
     return [[tokenizer.encode(essay[a : a + n], add_special_tokens=False), []] for a, n in offsets_and_sizes]
@@ -35,7 +30,7 @@ def essay_ids(data_dir, tokenizer, offsets_and_sizes):
 
 def run(model, tokenizer, policy, budget, ids, max_new_tokens, chunk_size=64, evict_per_chunk=False):
     policy.bind(tokenizer)
-    engine = engine_for(model, policy, budget)
+    engine = make_engine(model, policy, budget)
     batch = collate(ids, tokenizer.pad_token_id, "cpu")
     out = generate(model, engine, batch, max_new_tokens, set(), chunk_size=chunk_size, evict_per_chunk=evict_per_chunk)
     return out.tokens, engine
@@ -57,7 +52,7 @@ def test_budget_one_reproduces_full_cache_on_tiny(name, tiny, data_dir):
     policy = make_policy(name, **FULL_EQUIVALENT.get(name, {}))
     tokens, engine = run(model, tokenizer, policy, Budget("fraction", 1.0), ids, 12)
     assert tokens == full
-    assert torch.allclose(engine.kept_fraction(), torch.ones(2, dtype=torch.float64))
+    assert torch.allclose(engine.meters.kept_fraction(), torch.ones(2, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("name", sorted({*POLICIES, *FULL_EQUIVALENT}))

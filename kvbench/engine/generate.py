@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from kvbench.attention import Engine, Step, attach
 from kvbench.cache import EMPTY
+from kvbench.engine.engine import Engine, Step
+from kvbench.engine.hooks import attach
 from kvbench.measure import read_peak, reset_peak
 from kvbench.policies.base import ALL_ROWS
 
@@ -55,34 +56,50 @@ def prefill(model, engine: Engine, batch: Batch, chunk_size: int, evict_per_chun
     positions = batch.positions
     width = batch.input_ids.shape[1]
     pads = [width - length for length in engine.prompt_lengths_host]  # left padding per example (host)
-    needs = engine.needs
-    logits = None
     spans = [(s, min(s + chunk_size, batch.split)) for s in range(0, batch.split, chunk_size)]
-    spans += [(batch.split, batch.input_ids.shape[1])] if batch.split < batch.input_ids.shape[1] else []
+    spans += [(batch.split, width)] if batch.split < width else []
+    logits = None
     for start, end in spans:
-        compressed = end <= batch.split
-        last_chunk = end == batch.split
-        window_end = end if evict_per_chunk else batch.split
-        rows_from, queries_from = (
-            _window_from(window, start, end, window_end, compressed) for window in (needs.query_rows, needs.queries)
-        )
-        engine.step = Step(
-            positions=positions[:, start:end],
-            phase="prefill",
-            evict=compressed and (last_chunk or evict_per_chunk),
-            rows_from=rows_from,
-            queries_from=queries_from,
-            seen=[max(0, end - pad) for pad in pads],
-            padded=any(pad > start for pad in pads),
-        )
-        logits = model(
-            input_ids=batch.input_ids[:, start:end],
-            position_ids=engine.rope_positions(positions[:, start:end]),
-            attention_mask=_unused_mask(positions[:, start:end]),
-            use_cache=False,
-            logits_to_keep=1,
-        ).logits[:, -1]
+        step = _prefill_step(engine, batch, positions, (start, end), evict_per_chunk, pads)
+        logits = _forward(model, engine, batch.input_ids[:, start:end], step, logits_to_keep=1)
     return logits
+
+
+def _prefill_step(
+    engine: Engine, batch: Batch, positions: torch.Tensor, span: tuple[int, int], evict_per_chunk: bool, pads: list[int]
+) -> Step:
+    """The step of prompt columns ``span`` = [start, end) (``positions``: the batch's [B, L]): which rows and
+    queries the policy sees, and whether it evicts."""
+    start, end = span
+    compressed = end <= batch.split
+    window_end = end if evict_per_chunk else batch.split
+    rows_from, queries_from = (
+        _window_from(window, start, end, window_end, compressed)
+        for window in (engine.needs.query_rows, engine.needs.queries)
+    )
+    return Step(
+        positions=positions[:, start:end],
+        phase="prefill",
+        evict=compressed and (end == batch.split or evict_per_chunk),
+        rows_from=rows_from,
+        queries_from=queries_from,
+        seen=[max(0, end - pad) for pad in pads],
+        padded=any(pad > start for pad in pads),
+    )
+
+
+def _forward(model, engine: Engine, input_ids: torch.Tensor, step: Step, **kwargs) -> torch.Tensor:
+    """One forward pass of ``step``'s tokens (the step travels to the attention layers as an argument)."""
+    rope = engine.rope_positions(step.positions)
+    out = model(
+        input_ids=input_ids,
+        position_ids=rope,
+        attention_mask=_unused_mask(rope),
+        use_cache=False,
+        kvbench_step=step,
+        **kwargs,
+    )
+    return out.logits[:, -1]
 
 
 def _window_from(window: int, start: int, end: int, window_end: int, compressed: bool) -> int:
@@ -98,10 +115,9 @@ def _window_from(window: int, start: int, end: int, window_end: int, compressed:
 def decode_step(model, engine: Engine, tokens: torch.Tensor, positions: torch.Tensor, seen: list[int]) -> torch.Tensor:
     """Feed one token per example at ``positions`` [B] (host copy: ``seen`` = positions + 1); the policy may
     evict after it. Returns logits [B, V]."""
-    engine.step = Step(positions=positions[:, None], phase="decode", evict=True, seen=seen, padded=False)
-    rope = engine.rope_positions(positions[:, None])
-    mask = _unused_mask(rope)
-    return model(input_ids=tokens[:, None], position_ids=rope, attention_mask=mask, use_cache=False).logits[:, -1]
+    engine.add_tokens(positions, tokens)
+    step = Step(positions=positions[:, None], phase="decode", evict=True, seen=seen, padded=False)
+    return _forward(model, engine, tokens[:, None], step)
 
 
 def _unused_mask(positions: torch.Tensor) -> torch.Tensor:
@@ -141,7 +157,6 @@ def generate(
         start = time.perf_counter()
         outputs: list[list[int]] = [[] for _ in range(len(lengths))]
         done = [False] * len(lengths)
-        rows = torch.arange(len(lengths), device=device)
         n_decode = 0
         for step in range(max_new_tokens):
             for row, token in enumerate(next_tokens.tolist()):  # the step's one read of the device
@@ -155,10 +170,8 @@ def generate(
                     done[row] = True
             if all(done) or step == max_new_tokens - 1:
                 break
-            positions = lengths + step
-            engine.token_ids[rows, positions] = next_tokens
             seen = [length + step + 1 for length in engine.prompt_lengths_host]
-            next_tokens = decode_step(model, engine, next_tokens, positions, seen).argmax(-1)
+            next_tokens = decode_step(model, engine, next_tokens, lengths + step, seen).argmax(-1)
             n_decode += done.count(False)
         synchronize(device)
         decode_s = time.perf_counter() - start
@@ -184,7 +197,6 @@ def teacher_forced_nll(
     (how StreamingLLM and LESS (its Table 2, methods.md §2) measure perplexity, with real per-step eviction).
     """
     lengths = _bind(engine, batch, targets.shape[1])
-    rows = torch.arange(len(lengths), device=lengths.device)
     nll = []
     with attach(model, engine):
         logits = prefill(model, engine, batch, chunk_size, evict_per_chunk)
@@ -192,32 +204,12 @@ def teacher_forced_nll(
             nll.append(F.cross_entropy(logits.float(), targets[:, step], reduction="none"))
             if step == targets.shape[1] - 1:
                 break
-            positions = lengths + step
-            engine.token_ids[rows, positions] = targets[:, step]
             seen = [length + step + 1 for length in engine.prompt_lengths_host]
-            logits = decode_step(model, engine, targets[:, step], positions, seen)
+            logits = decode_step(model, engine, targets[:, step], lengths + step, seen)
     return torch.stack(nll, 1)
 
 
 def _bind(engine: Engine, batch: Batch, max_new_tokens: int) -> torch.Tensor:
-    """Give ``engine`` the batch's prompt lengths, token ids and held-out split; returns the lengths [B]."""
-    lengths = batch.attention_mask.long().sum(-1)
-    engine.prompt_lengths = lengths
-    engine.prompt_lengths_host = lengths.tolist()
-    engine.token_ids = _ids_by_position(batch, max_new_tokens)
-    if batch.split < batch.input_ids.shape[1]:
-        engine.compressed_lengths = batch.attention_mask[:, : batch.split].long().sum(-1)
-        engine.held_out = batch.attention_mask[:, batch.split :].long().sum(-1)
-        engine.compressed_lengths_host = engine.compressed_lengths.tolist()
-        engine.held_out_host = engine.held_out.tolist()
-    return lengths
-
-
-def _ids_by_position(batch: Batch, max_new_tokens: int) -> torch.Tensor:
-    """Token id at each original position [B, max_len + max_new_tokens], -1 where not yet known."""
-    positions = batch.positions
-    width = int(batch.attention_mask.sum(-1).max()) + max_new_tokens
-    ids = torch.full((batch.input_ids.shape[0], width + 1), -1, dtype=torch.long, device=batch.input_ids.device)
-    index = positions.masked_fill(positions == EMPTY, width).long()
-    ids.scatter_(1, index, batch.input_ids)
-    return ids[:, :width]
+    """Give ``engine`` the batch (prompt lengths, token ids, held-out split); returns the lengths [B]."""
+    engine.begin(batch.input_ids, batch.attention_mask, batch.split, max_new_tokens)
+    return engine.prompt_lengths
