@@ -3,10 +3,9 @@ per head, padding excluded; and no attention row is ever computed for it."""
 
 from __future__ import annotations
 
-import sys
-
 import torch
 
+import kvbench.engine.engine
 from kvbench.cache import EMPTY, LayerCache
 from kvbench.policies.base import Budget, Needs
 from kvbench.policies.keydiff import KeyDiffPolicy
@@ -36,9 +35,7 @@ def test_keydiff_needs_no_attention_rows(tiny, data_dir, monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("keydiff asked for attention rows")
 
-    from .test_matrix import Engine
-
-    monkeypatch.setattr(sys.modules[Engine.__module__], "attention_probs", forbidden)  # wherever the engine lives
+    monkeypatch.setattr(kvbench.engine.engine, "attention_probs", forbidden)
     assert KeyDiffPolicy().needed() == Needs()  # no rows, no queries
     model, tokenizer = tiny
     ids = essay_ids(data_dir, tokenizer, [(0, 800)])
