@@ -9,7 +9,7 @@ import torch
 
 from kvbench.cache import LayerCache
 from kvbench.config import positive
-from kvbench.policies.base import Context, top_capacity
+from kvbench.policies.base import top_capacity
 from kvbench.policies.wrapper import WrapperPolicy
 
 
@@ -54,9 +54,3 @@ class ChunkKVPolicy(WrapperPolicy):
         fits &= fits.long().cumprod(-1).bool()
         chosen = torch.zeros_like(fits).scatter_(1, order, fits)  # [B, C] by chunk index
         return kept | (chosen.gather(1, flat).reshape(chunk.shape) & free)
-
-    def kept_length(self, layer: LayerCache, ctx: Context) -> tuple[int | None, bool]:
-        """At most the capacity per (example, head), and some room may stay unused."""
-        if not self.inner._uniform_layers or ctx.capacity_host is None:
-            return None, False
-        return max(ctx.capacity_host), False
