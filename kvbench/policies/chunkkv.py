@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from kvbench.cache import LayerCache
-from kvbench.config import positive
 from kvbench.policies.base import top_capacity
 from kvbench.policies.wrapper import WrapperPolicy
 
@@ -28,7 +27,7 @@ class ChunkKVPolicy(WrapperPolicy):
     index reuse (§3.2, an efficiency option) is not implemented: every layer selects its own chunks.
     """
 
-    chunk_size: int = positive(10)
+    chunk_size: int = field(default=10, metadata={"min": 1})
 
     def choose(
         self, layer: LayerCache, scores: torch.Tensor, capacity: torch.Tensor, protected: torch.Tensor | None

@@ -3,12 +3,11 @@ expected to attend to, in closed form from the statistics of recent queries."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from kvbench.cache import EMPTY, LayerCache
-from kvbench.config import positive
 from kvbench.errors import UserError
 from kvbench.policies.base import Context, Needs, ScorerPolicy, rotate, to_kv_heads, windows
 
@@ -32,8 +31,8 @@ class ExpectedAttentionPolicy(ScorerPolicy):
     and decode. Side state: the window of queries, ``window`` x H x D floats per example and layer.
     """
 
-    window: int = positive(64)
-    n_future: int = positive(512)
+    window: int = field(default=64, metadata={"min": 1})
+    n_future: int = field(default=512, metadata={"min": 1})
     n_sink: int = 4
     use_covariance: bool = True
     use_vnorm: bool = True

@@ -38,13 +38,15 @@ def build_scorer(wrapper: str, name: str, params: dict[str, Any]) -> ScorerPolic
     from hydra.utils import get_class
     from omegaconf import OmegaConf
 
-    from kvbench.config import check_fields
     from kvbench.policies import CONFIGS, build
 
     valid = scorer_names()
     if name not in valid:
         raise UserError(f"{wrapper}: unknown scorer '{name}'; valid: {', '.join(valid)}")
-    check_fields(get_class(OmegaConf.load(CONFIGS / f"{name}.yaml")._target_), params, prefix="policy.scorer_params.")
+    fields = sorted(f.name for f in dataclasses.fields(get_class(OmegaConf.load(CONFIGS / f"{name}.yaml")._target_)))
+    for key in params:
+        if key not in fields:
+            raise UserError(f"unknown key policy.scorer_params.{key}; valid: {', '.join(fields)}")
     inner = build(name, **params)
     if inner.needed().position_shift:
         raise UserError(f"{wrapper}: a scorer with position_shift=true cannot be wrapped (its positions are ranks)")
