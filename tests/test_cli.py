@@ -24,6 +24,7 @@ def kvbench(*args: str, data_dir: Path, **kwargs) -> subprocess.CompletedProcess
 
 BAD_INPUTS = [
     (["+policy=nope"], "unknown policy 'nope'; valid: "),
+    (["+policy=chunkkv", "policy.scorer=corm", "budget=0.3"], "chunkkv: unknown scorer 'corm'; valid: "),
     (["model=gpt5"], "unknown model 'gpt5'; valid: "),
     (["task=nope"], "unknown task 'nope'; valid: "),
     (["+policy=full", "budget=0"], "budget must be a fraction in (0, 1], got 0"),

@@ -221,7 +221,14 @@ class Policy:
 
 
 class ScorerPolicy(Policy):
-    """Top-k under the budget: keep the ``capacity`` best-scored slots per (example, KV head)."""
+    """Top-k under the budget: keep the ``capacity`` best-scored slots per (example, KV head).
+
+    ``selector(layer, scores, capacity, protected) -> keep`` replaces that top-k: a wrapper (ChunkKV's whole
+    chunks, AdaKV's head-adaptive budgets) sets it on the scorer it wraps, which keeps its own scores and
+    bookkeeping.
+    """
+
+    selector = None
 
     def score(self, layer: LayerCache, ctx: Context) -> torch.Tensor:
         """Scores [B, Hkv, T], higher = keep."""
@@ -246,7 +253,10 @@ class ScorerPolicy(Policy):
         elif bool((layer.held() <= self.layer_capacity(ctx.capacity, ctx)[:, None]).all()):
             return None
         capacity = self.layer_capacity(ctx.capacity, ctx)
-        return top_capacity(self.score(layer, ctx), capacity, layer.valid, self.protected(layer, ctx))
+        scores, protected = self.score(layer, ctx), self.protected(layer, ctx)
+        if self.selector is not None:
+            return self.selector(layer, scores, capacity, protected)
+        return top_capacity(scores, capacity, layer.valid, protected)
 
     @property
     def _uniform_layers(self) -> bool:

@@ -31,6 +31,10 @@ POLICIES = {
     "pyramidkv": _recent(lambda p, c: torch.where(c >= p.window, p.window, 0)),
     "corm": _recent(lambda p, c: torch.where(c >= p.r, p.r, 0)),
     "scissorhands": _recent(lambda p, c: torch.where(c >= p.recent, p.recent, 0)),
+    "keydiff": None,
+    "expected_attention": _sinks,
+    "adakv": _recent(lambda p, c: torch.where(c >= p.inner.window, p.inner.window, 0)),
+    "chunkkv": _recent(lambda p, c: torch.where(c >= p.inner.window, p.inner.window, 0)),
     "fixed_capacity": lambda p, *a: (_sinks if p.rule == "sliding_window" else _recent(lambda p, c: 1))(p, *a),
 }
 
@@ -38,6 +42,13 @@ POLICIES = {
 # budget; nothing can be minor for w consecutive queries when w exceeds the sequence). FastGen is budget-free (no
 # entry in POLICIES): with T = 1 every head is full.
 FULL_EQUIVALENT = {"corm": {"w": 100000}, "fastgen": {"recovery": 1.0}}
+
+# Head-adaptive policies: the budget holds per (layer, example), capacity x Hkv over its KV heads; a single head
+# may hold more than the capacity.
+LAYER_BUDGET = {"adakv"}
+
+# Policies that may leave part of the capacity unused, and how many entries per layer: ChunkKV keeps whole chunks.
+UNDERFILL = {"chunkkv": lambda p: p.chunk_size - 1}
 
 # Configs the matrix does not run, and why (each is tested in its own file).
 ELSEWHERE = {
@@ -49,5 +60,8 @@ ELSEWHERE = {
 # covers int32 positions plus a float score per slot. Scissorhands keeps an exact history of the last 400
 # attention rows: 400 bits = 50 bytes per slot, 20% of the tiny test model's 256 bytes of fp32 K+V per slot
 # (10% of SmolLM2's 512; about 5% for a bf16 model with head dim 128). It is counted in kv_bytes.
-SIDE_STATE = {"scissorhands": 0.25}
+# Expected Attention holds its window of the last 64 queries (before RoPE, fp32): 64 x H x D floats per example
+# and layer, 29% of the tiny model's fp32 K+V at its 221 kept slots (H = 2 Hkv, 737-token prompt); it falls as
+# the cache grows (about 7% for SmolLM2 at 900 kept slots: 64 x 9 heads against 2 x 3 KV heads x 900).
+SIDE_STATE = {"scissorhands": 0.25, "expected_attention": 0.35}
 DEFAULT_SIDE_STATE = 0.05
