@@ -51,8 +51,8 @@ def test_chunked_prefill_eviction_bounds_prefill_memory(tiny, data_dir):
     policy = SnapKVPolicy()
     _, whole = generate_with(model, tokenizer, policy, Budget("fraction", 0.25), ids, 1, chunk_size=128)
     _, chunked = generate_with(model, tokenizer, policy, Budget("fraction", 0.25), ids, 1, 128, True)
-    assert chunked.peak_nbytes < 0.6 * whole.peak_nbytes
-    assert abs(float(chunked.kept_fraction()[0]) - float(whole.kept_fraction()[0])) < 0.02
+    assert chunked.meters.peak_nbytes < 0.6 * whole.meters.peak_nbytes
+    assert abs(float(chunked.meters.kept_fraction()[0]) - float(whole.meters.kept_fraction()[0])) < 0.02
 
 
 @pytest.mark.parametrize("protocol", ["official", "query_agnostic"])
