@@ -247,7 +247,7 @@ def test_help_lists_own_folders(outside, monkeypatch):
 
 
 def test_docs_describe_both_ways():
-    tasks, policies = (REPO / "docs" / "tasks.md").read_text(), (REPO / "docs" / "policies-outside.md").read_text()
+    tasks, policies = (REPO / "docs" / "tasks.md").read_text(), (REPO / "docs" / "policies.md").read_text()
     for text in (tasks, policies):
         assert "KVBENCH_CONFIG_PATH" in text and "hydra.searchpath" in text
     assert "task=jsonl" in tasks and "ids=" in tasks
