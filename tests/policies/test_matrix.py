@@ -145,4 +145,4 @@ def test_every_example_is_compressed_and_memory_is_freed(name, tiny, data_dir):
         unused = UNDERFILL.get(name, lambda policy: 0)(make_policy(name)) / int(lengths[0])
         assert -unused - 0.02 * 0.3 - 1 / int(lengths[0]) <= kv / full_kv - 0.3 <= 0.02 * 0.3 + 1 / int(lengths[0])
     side = sum(layer.side_nbytes() for layer in single.cache.layers)
-    assert side <= SIDE_STATE.get(name, DEFAULT_SIDE_STATE) * kv  # documented in cases.py and the README
+    assert side <= SIDE_STATE.get(name, DEFAULT_SIDE_STATE) * kv  # documented in cases.py and docs/engine.md
