@@ -197,7 +197,7 @@ def test_less_gap_table_does_not_depend_on_the_hash_seed(tmp_path):
 
 
 def test_paper_tables_show_no_paths_in_settings(tmp_path):
-    """A LESS row whose ``kernels`` parameter is a local folder: the LESS-gap and scores-by-length tables name
+    """A LESS row whose ``kernels`` parameter is a local folder: every setting (so every table and legend) names
     it by its last part only (before, ``/home/someone/...`` went into the committed tables)."""
     root = write_results(tmp_path / "r", n_examples=4)
     rows = read_lines(root / "results.jsonl")
@@ -207,7 +207,8 @@ def test_paper_tables_show_no_paths_in_settings(tmp_path):
             row["policy_params"] = {**row["policy_params"], "kernels": "/home/someone/.cache/kvbench/less/h2o_0.1"}
         append_line(root / "results.jsonl", row)
     df = load(root)
-    assert any("/home/someone" in setting for setting in df["setting"])  # the rows keep the full parameter
+    assert any("/home/someone" in str(params) for params in df["policy_params"])  # the rows keep the full path
+    assert not any("/" in setting for setting in df["setting"])  # every table and legend names its last part
     gap = less_gap_table(summary(df), df)
     (by_length,) = scores_by_length(df).values()
     settings = [*gap["less"], *gap["base"], *by_length.index]

@@ -96,7 +96,8 @@ def load(results_dir: str | Path) -> pd.DataFrame:
     df = df.drop(columns="_time")
     df["display_name"] = [row_display_name(row) for _, row in df.iterrows()]
     df["policy_label"] = [
-        policy_label(p, q, d) for p, q, d in zip(df["policy"], df["policy_params"], df["display_name"], strict=True)
+        policy_label(p, q, d, short_paths=True)  # no machine paths in any table or legend: a path's last part
+        for p, q, d in zip(df["policy"], df["policy_params"], df["display_name"], strict=True)
     ]
     df["variant"] = df.apply(_variant, axis=1)
     df["setting"] = [
