@@ -419,10 +419,11 @@ def main(argv: list[str] | None = None) -> None:
     ids = [e.id for e in examples]
     if not args.report_only:  # every invocation that adds rows is part of how the results were made
         append_cache(work / "commands.jsonl", [{"command": command_line(argv), "at": time.time()}])
-    worker = None if args.report_only else KvpressWorker(args.venv, model_dir, args.threads, work / "kvpress.log")
+    wanted = args.inspect or not args.report_only
+    worker = KvpressWorker(args.venv, model_dir, args.threads, work / "kvpress.log") if wanted else None
     versions = {"kvbench_side": runner.versions()}
     try:
-        if worker is not None:
+        if not args.report_only:
             versions.update(worker.versions)
             for setting in args.settings:
                 cache_path = work / f"rows-{setting.name}.jsonl"  # one file per setting: parallel runs may split
