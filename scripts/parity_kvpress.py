@@ -151,6 +151,9 @@ class SettingResult:
             "accuracy_kvpress": mean(self.kvpress, "score"),
             "rows_differ": differ,
             "n_differ": len(differ),
+            "n_text_differ": sum(
+                self.kvbench[i]["prediction"].strip() != self.kvpress[i]["prediction"].strip() for i in done
+            ),
             "kvbench_better": sum(self.kvbench[i]["score"] > self.kvpress[i]["score"] for i in differ),
             "kvpress_better": sum(self.kvbench[i]["score"] < self.kvpress[i]["score"] for i in differ),
             "sec_per_row_kvbench": sec_kb,
@@ -220,15 +223,17 @@ def render_markdown(report: dict[str, Any]) -> str:
         "sides (context compressed, then question + template tail + answer prefix appended, greedy decoding). "
         "Accuracy is the needle task's own metric (fraction of the needle's key phrases recalled), mean over rows.",
         "",
-        "| setting | kvbench budget | n | acc. kvbench | acc. kvpress | rows differ | kvbench s/row | "
+        "| setting | kvbench budget | n | acc. kvbench | acc. kvpress | rows differ (score) | answers differ (text) "
+        "| kvbench s/row | "
         "kvpress s/row | ratio | agree ±2 | note |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for s in report["settings"]:
         budget = "full" if s["kvbench_budget"] is None else f"{s['kvbench_budget']:g}"
         lines.append(
             f"| {s['setting']} | {budget} | {s['n']} | {_fmt(s['accuracy_kvbench'])} | {_fmt(s['accuracy_kvpress'])} "
             f"| {s['n_differ']} (kvbench better {s['kvbench_better']}, kvpress {s['kvpress_better']}) "
+            f"| {s['n_text_differ']} "
             f"| {_fmt(s['sec_per_row_kvbench'], 2)} | {_fmt(s['sec_per_row_kvpress'], 2)} "
             f"| {_fmt(s['time_ratio_kvbench_over_kvpress'], 2)} | {'yes' if s['agree'] else 'no'} "
             f"| {s['semantics']} |"

@@ -62,6 +62,7 @@ def test_summary_counts_differing_rows_and_the_time_ratio() -> None:
     ids = ["r0", "r1", "r2", "r3"]
     full, snap, tova = (r.summary(ids) for r in results)
     assert full["n_differ"] == 0 and full["agree"] and full["accuracy_kvbench"] == 0.625
+    assert full["n_text_differ"] == 0 and snap["n_text_differ"] == 3
     assert snap["rows_differ"] == ["r0", "r1", "r3"] and not snap["agree"]
     assert (snap["kvbench_better"], snap["kvpress_better"]) == (1, 2)
     assert snap["accuracy_kvbench"] == 0.25 and snap["accuracy_kvpress"] == 0.5
@@ -95,8 +96,10 @@ def test_report_has_the_table_the_verdict_and_the_commands() -> None:
     }
     text = parity.render_markdown(report)
     assert "| full | full | 2 | 1.000 |" not in text  # accuracy is the mean over rows
-    assert "| full | full | 2 | 0.500 | 0.500 | 0 (kvbench better 0, kvpress 0) | 2.00 | 4.00 | 0.50 | yes |" in text
-    assert "| knorm@0.9 | 0.1 | 2 | 0.000 | 1.000 | 2 (kvbench better 0, kvpress 2)" in text
+    assert (
+        "| full | full | 2 | 0.500 | 0.500 | 0 (kvbench better 0, kvpress 0) | 0 | 2.00 | 4.00 | 0.50 | yes |" in text
+    )
+    assert "| knorm@0.9 | 0.1 | 2 | 0.000 | 1.000 | 2 (kvbench better 0, kvpress 2) | 2 |" in text
     assert "decoding" in text  # the semantic note beside Knorm's row
     assert "- `knorm@0.9`: because." in text and "--settings full knorm@0.9" in text
     assert "only the ratio is meaningful" in text
