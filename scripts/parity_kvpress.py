@@ -561,18 +561,25 @@ def describe_difference(name: str, row: str, scores: tuple[float, float], facts:
     )
     if facts.get("needle_kvbench_end") is not None:
         text += f"; still held by kvbench at the end of decoding: {facts['needle_kvbench_end']:.0%}"
+    if facts.get("tail_seen"):
+        text += (
+            f"; while decoding, kvbench evicted {facts['tail_evicted']:.1f} of the {facts['tail_seen']} question and "
+            "answer tokens per (layer, KV head), kvpress none"
+        )
     return text + "."
 
 
 def kvbench_kept(model: Any, tokenizer: Any, setting: Setting, example: Any, max_new_tokens: int):
-    """Positions kvbench holds per (layer, KV head) after generating ``max_new_tokens`` (1: right after
-    prefill), context positions only, for one example under ``setting`` (query-agnostic)."""
+    """What kvbench holds per (layer, KV head) after generating ``max_new_tokens`` (1: right after prefill) for
+    one example under ``setting`` (query-agnostic): the context positions kept, and how many of the tokens
+    after the context (held-out question, answer) it has evicted, mean per (layer, head), of how many."""
     from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
     from kvbench.attention import Engine
     from kvbench.batching import collate, encode
-    from kvbench.config import CONFIG_DIR
+    from kvbench.cache import EMPTY
+    from kvbench.config import CONFIG_DIR, model_spec
     from kvbench.generate import generate
     from kvbench.policies.base import Budget
     from kvbench.runner import _eos_ids
@@ -580,39 +587,48 @@ def kvbench_kept(model: Any, tokenizer: Any, setting: Setting, example: Any, max
     node = OmegaConf.load(CONFIG_DIR / "policy" / f"{setting.policy}.yaml")
     policy = instantiate(OmegaConf.merge(node, KVBENCH_PARAMS[setting.policy]))
     policy.bind(tokenizer)
-    parts = encode(example, tokenizer, True, 7900, "query_agnostic")
+    parts = encode(example, tokenizer, True, model_spec("smollm2_135m").max_prompt_tokens, "query_agnostic")
     batch = collate([parts], tokenizer.pad_token_id, "cpu")
     config = model.config
     group = config.num_attention_heads // config.num_key_value_heads
     engine = Engine(policy, Budget.from_config(setting.budget, None), config.num_hidden_layers, group)
-    generate(model, engine, batch, max_new_tokens, _eos_ids(model, tokenizer))
+    out = generate(model, engine, batch, max_new_tokens, _eos_ids(model, tokenizer))
     context = len(parts[0])
-    return [
+    heads = [head.tolist() for layer in engine.cache.layers for head in layer.positions[0]]
+    tail_seen = len(parts[1]) + max(0, len(out.tokens[0]) - 1)  # the last generated token never enters the cache
+    tail_held = sum(sum(context <= p < EMPTY for p in head) for head in heads) / len(heads)
+    kept = [
         [sorted(p for p in head.tolist() if 0 <= p < context) for head in layer.positions[0]]
         for layer in engine.cache.layers
     ]
+    return kept, {"tail_evicted": tail_seen - tail_held, "tail_seen": tail_seen}
 
 
 def explain(results, examples, model, tokenizer, worker, args) -> list[str]:
-    """For each setting whose sides differ, the first differing row: which positions each side keeps."""
+    """For each setting whose sides differ (in score, else in text), the first such row: which positions each
+    side keeps after prefill, and what kvbench evicts while decoding."""
     by_id = {e.id: e for e in examples}
     lines = []
     for result in results:
         setting = result.setting
-        differ = result.summary(list(by_id))["rows_differ"]
+        summary = result.summary(list(by_id))
+        text = [i for i in by_id if i in result.kvbench and i in result.kvpress]
+        text = [i for i in text if result.kvbench[i]["prediction"].strip() != result.kvpress[i]["prediction"].strip()]
+        differ = summary["rows_differ"] or text
         if setting.policy is None or not differ:
             continue
         row = differ[0]
         example = by_id[row]
         reply = worker.run(setting, [kvpress_row(example, 1)], kept=True)[0]
-        ours = kvbench_kept(model, tokenizer, setting, example, 1)
+        ours, _ = kvbench_kept(model, tokenizer, setting, example, 1)
         span = result.kvbench[row]["needle_span"]
         facts = kept_overlap(ours, reply["kept"])
         facts["needle_kvbench"] = span_kept(ours, span)
         facts["needle_kvpress"] = span_kept(reply["kept"], span)
         if not setting.equivalent:  # decode-time eviction: what kvbench still holds once the answer is written
-            end = kvbench_kept(model, tokenizer, setting, example, 32)
+            end, tail = kvbench_kept(model, tokenizer, setting, example, 32)
             facts["needle_kvbench_end"] = span_kept(end, span)
+            facts.update(tail)
         scores = (result.kvbench[row]["score"], result.kvpress[row]["score"])
         lines.append(describe_difference(setting.name, row, scores, facts))
         print(lines[-1])

@@ -117,9 +117,17 @@ def test_kept_overlap_and_needle_share() -> None:
         "tova@0.9",
         "r1",
         (0.0, 1.0),
-        {**facts, "needle_kvbench": 1.0, "needle_kvpress": 1.0, "needle_kvbench_end": 0.25},
+        {
+            **facts,
+            "needle_kvbench": 1.0,
+            "needle_kvpress": 1.0,
+            "needle_kvbench_end": 0.25,
+            "tail_evicted": 3.5,
+            "tail_seen": 40,
+        },
     )
     assert "50% of the (layer, KV head) pairs" in line and "end of decoding: 25%" in line
+    assert "evicted 3.5 of the 40 question and answer tokens" in line
 
 
 def test_kvpress_row_holds_out_the_question_like_query_agnostic() -> None:
