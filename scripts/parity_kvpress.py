@@ -485,10 +485,12 @@ def main(argv: list[str] | None = None) -> None:
         records = [r for path in sorted(work.glob("rows-*.jsonl")) for r in read_cache(path)]
         results = collect(records, grid)
         summaries = [r.summary(ids) for r in results]
-        explanations = explain(results, examples, model, tokenizer, worker, args) if args.inspect and worker else []
-        if not explanations and (work / "explanations.json").exists():
-            explanations = json.loads((work / "explanations.json").read_text())
-        (work / "explanations.json").write_text(json.dumps(explanations, indent=1))
+        path = work / "explanations.json"  # setting -> {"row", "line"}, kept across runs
+        known = json.loads(path.read_text()) if path.exists() else {}
+        known = known if isinstance(known, dict) else {}  # an older run's list of lines
+        if args.inspect and worker is not None:
+            known = explain(results, examples, model, tokenizer, worker, known, path)
+        explanations = [known[r.setting.name]["line"] for r in results if r.setting.name in known]
     finally:
         if worker is not None:
             worker.close()
@@ -604,11 +606,11 @@ def kvbench_kept(model: Any, tokenizer: Any, setting: Setting, example: Any, max
     return kept, {"tail_evicted": tail_seen - tail_held, "tail_seen": tail_seen}
 
 
-def explain(results, examples, model, tokenizer, worker, args) -> list[str]:
+def explain(results, examples, model, tokenizer, worker, known: dict[str, Any], path: Path) -> dict[str, Any]:
     """For each setting whose sides differ (in score, else in text), the first such row: which positions each
-    side keeps after prefill, and what kvbench evicts while decoding."""
+    side keeps after prefill, and what kvbench evicts while decoding. ``known`` (saved to ``path`` after each
+    setting) holds settings already explained; one is redone only when its first differing row changed."""
     by_id = {e.id: e for e in examples}
-    lines = []
     for result in results:
         setting = result.setting
         summary = result.summary(list(by_id))
@@ -618,6 +620,8 @@ def explain(results, examples, model, tokenizer, worker, args) -> list[str]:
         if setting.policy is None or not differ:
             continue
         row = differ[0]
+        if known.get(setting.name, {}).get("row") == row:
+            continue
         example = by_id[row]
         reply = worker.run(setting, [kvpress_row(example, 1)], kept=True)[0]
         ours, _ = kvbench_kept(model, tokenizer, setting, example, 1)
@@ -630,9 +634,10 @@ def explain(results, examples, model, tokenizer, worker, args) -> list[str]:
             facts["needle_kvbench_end"] = span_kept(end, span)
             facts.update(tail)
         scores = (result.kvbench[row]["score"], result.kvpress[row]["score"])
-        lines.append(describe_difference(setting.name, row, scores, facts))
-        print(lines[-1])
-    return lines
+        known[setting.name] = {"row": row, "line": describe_difference(setting.name, row, scores, facts)}
+        path.write_text(json.dumps(known, indent=1))
+        print(known[setting.name]["line"])
+    return known
 
 
 if __name__ == "__main__":
