@@ -244,7 +244,30 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
         report["verdict"],
         "",
+        "## What is the same by construction, and what is not",
+        "",
+        "Same on both sides: the model input (kvpress's pipeline splits the chat-templated prompt at the question; "
+        "kvbench's `query_agnostic` splits the same text at the same place, so the compressed part is the template "
+        "head, instruction and haystack, and the held-out part the question, template tail and answer prefix, "
+        "tokenized separately on both sides); the budget counts the template head on both sides; original RoPE "
+        "positions for the held-out part; greedy decoding with the same EOS ids and 32 new tokens at most; fp32, "
+        "SDPA, one 1024-token prefill chunk. Rounding: kvpress keeps `int(T * (1 - ratio))` entries, kvbench "
+        "`floor(T * budget)`; `1 - 0.9` is 0.0999…, so at ratio 0.9 kvpress keeps one entry fewer when T is a "
+        "multiple of 10.",
+        "",
+        "Different by a documented kvbench choice: kvbench's TOVA, StreamingLLM and Knorm evict during decoding "
+        "too (their papers' rule, `phase = both`; the cache is held to `floor(budget * tokens seen)` plus the "
+        "held-out part after every step, so about (1 - budget) of an entry goes per generated token, and the "
+        "evicted entry may be a question or answer token); kvpress compresses once, after prefill, and appends "
+        "everything after. kvbench's SnapKV is prefill-only, like kvpress's. TOVA: kvpress always keeps the last "
+        "context token (its score is padded with the maximum), kvbench scores it by its own attention column; "
+        "StreamingLLM and SnapKV keep the same windows (4 sinks + recent; the 64-token observation window).",
+        "",
         "## Why rows differ",
+        "",
+        "Rows that differ in score or in text, inspected (first such row per setting; `--inspect`): the positions "
+        "each side keeps after prefill (kvpress's compressed keys matched back to the full prefill's keys), and "
+        "what kvbench evicts while decoding.",
         "",
         *report.get("explanations", []),
         "",
