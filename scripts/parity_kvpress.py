@@ -49,6 +49,7 @@ SEMANTICS = {
     "knorm": "kvbench's Knorm evicts during decoding too (§3 of the paper); kvpress only at prefill",
 }
 TOLERANCE = 2  # rows
+AGREE = {True: "yes", False: "no", None: "–"}  # None: no row finished
 
 
 @dataclass(frozen=True)
@@ -161,7 +162,7 @@ class SettingResult:
             "sec_per_row_kvpress": sec_kp,
             "time_ratio_kvbench_over_kvpress": sec_kb / sec_kp if n and sec_kp else None,
             "equivalent": self.setting.equivalent,
-            "agree": len(differ) <= TOLERANCE,
+            "agree": len(differ) <= TOLERANCE if n else None,
             "semantics": SEMANTICS[self.setting.policy or "full"],
             "differing_rows": [
                 {
@@ -235,7 +236,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"| {s['n_differ']} (kvbench better {s['kvbench_better']}, kvpress {s['kvpress_better']}) "
             f"| {s['n_text_differ']} "
             f"| {_fmt(s['sec_per_row_kvbench'], 2)} | {_fmt(s['sec_per_row_kvpress'], 2)} "
-            f"| {_fmt(s['time_ratio_kvbench_over_kvpress'], 2)} | {'yes' if s['agree'] else 'no'} "
+            f"| {_fmt(s['time_ratio_kvbench_over_kvpress'], 2)} | {AGREE[s['agree']]} "
             f"| {s['semantics']} |"
         )
     lines += [
@@ -451,8 +452,9 @@ def main(argv: list[str] | None = None) -> None:
     worker = KvpressWorker(args.venv, model_dir, args.threads, work / "kvpress.log") if wanted else None
     versions = {"kvbench_side": runner.versions()}
     try:
-        if not args.report_only:
+        if worker is not None:
             versions.update(worker.versions)
+        if not args.report_only:
             for setting in args.settings:
                 cache_path = work / f"rows-{setting.name}.jsonl"  # one file per setting: parallel runs may split
                 done = {(r["side"], r["id"]) for r in read_cache(cache_path)}

@@ -81,8 +81,8 @@ def test_summary_counts_differing_rows_and_the_time_ratio() -> None:
 
 
 def test_report_has_the_table_the_verdict_and_the_commands() -> None:
-    settings = [parity.Setting(None), parity.parse_setting("knorm@0.9")]
-    records = _records("full", [1, 0], [1, 0]) + _records("knorm@0.9", [0, 0], [1, 1])
+    settings = [parity.Setting(None), parity.parse_setting("knorm@0.9"), parity.parse_setting("tova@0.7")]
+    records = _records("full", [1, 0], [1, 0]) + _records("knorm@0.9", [0, 0], [1, 1])  # tova@0.7: not run
     summaries = [r.summary(["r0", "r1"]) for r in parity.collect(records, settings)]
     report = {
         "model": "m",
@@ -101,6 +101,9 @@ def test_report_has_the_table_the_verdict_and_the_commands() -> None:
     )
     assert "| knorm@0.9 | 0.1 | 2 | 0.000 | 1.000 | 2 (kvbench better 0, kvpress 2) | 2 |" in text
     assert "decoding" in text  # the semantic note beside Knorm's row
+    assert summaries[2]["agree"] is None and "| tova@0.7 | 0.3 | 0 | – | – |" in text
+    assert "| – | kvbench's TOVA" in text  # no verdict for a setting without rows
+    assert "tova@0.7" in report["verdict"] and "Unfinished" in report["verdict"]
     assert "- `knorm@0.9`: because." in text and "--settings full knorm@0.9" in text
     assert "only the ratio is meaningful" in text
     assert report["timing"]["kvbench_total_s"] == 8.0 and report["timing"]["wall_s"] == 1.0
