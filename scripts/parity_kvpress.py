@@ -436,7 +436,7 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.set_num_threads(args.threads)
     from kvbench import models, runner
-    from kvbench.config import model_spec
+    from kvbench.models import model_spec
 
     spec = model_spec("smollm2_135m")
     model_dir = models.converted_dir(spec)
@@ -600,25 +600,20 @@ def kvbench_kept(model: Any, tokenizer: Any, setting: Setting, example: Any, max
     """What kvbench holds per (layer, KV head) after generating ``max_new_tokens`` (1: right after prefill) for
     one example under ``setting`` (query-agnostic): the context positions kept, and how many of the tokens
     after the context (held-out question, answer) it has evicted, mean per (layer, head), of how many."""
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
-    from kvbench.attention import Engine
     from kvbench.batching import collate, encode
     from kvbench.cache import EMPTY
-    from kvbench.config import CONFIG_DIR, model_spec
-    from kvbench.generate import generate
+    from kvbench.engine import make_engine
+    from kvbench.engine.generate import generate
+    from kvbench.models import model_spec
+    from kvbench.policies import build
     from kvbench.policies.base import Budget
     from kvbench.runner import _eos_ids
 
-    node = OmegaConf.load(CONFIG_DIR / "policy" / f"{setting.policy}.yaml")
-    policy = instantiate(OmegaConf.merge(node, KVBENCH_PARAMS[setting.policy]))
+    policy = build(setting.policy, **KVBENCH_PARAMS[setting.policy])
     policy.bind(tokenizer)
     parts = encode(example, tokenizer, True, model_spec("smollm2_135m").max_prompt_tokens, "query_agnostic")
     batch = collate([parts], tokenizer.pad_token_id, "cpu")
-    config = model.config
-    group = config.num_attention_heads // config.num_key_value_heads
-    engine = Engine(policy, Budget.from_config(setting.budget, None), config.num_hidden_layers, group)
+    engine = make_engine(model, policy, Budget.from_config(setting.budget, None))
     out = generate(model, engine, batch, max_new_tokens, _eos_ids(model, tokenizer))
     context = len(parts[0])
     heads = [head.tolist() for layer in engine.cache.layers for head in layer.positions[0]]
