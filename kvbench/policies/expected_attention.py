@@ -52,11 +52,12 @@ class ExpectedAttentionPolicy(ScorerPolicy):
         if ring is None:
             ring = layer.extra["ea_queries"] = plain.new_zeros(batch, heads, self.window, dim)
             layer.extra["ea_positions"] = torch.full((batch, self.window), EMPTY, device=plain.device)
-        slots = (layer.host.get("ea_next", 0) + torch.arange(n_new)) % self.window  # host ring indices
-        keep = slice(max(0, n_new - self.window), n_new)  # only the newest ``window`` can stay
-        ring[:, :, slots[keep]] = plain[:, :, keep]
-        layer.extra["ea_positions"][:, slots[keep]] = query_positions[:, keep].to(torch.int64)
-        layer.host["ea_next"] = int(slots[-1] + 1) % self.window
+        start = layer.host.get("ea_next", 0)  # the ring's next slot, kept on the host (no device read)
+        first = max(0, n_new - self.window)  # only the newest ``window`` queries can stay
+        slots = torch.tensor([(start + i) % self.window for i in range(first, n_new)], device=ring.device)
+        ring[:, :, slots] = plain[:, :, first:]
+        layer.extra["ea_positions"][:, slots] = query_positions[:, first:].to(torch.int64)
+        layer.host["ea_next"] = (start + n_new) % self.window
 
     def score(self, layer: LayerCache, ctx: Context) -> torch.Tensor:
         ring = layer.extra["ea_queries"]  # [B, H, W, D]
