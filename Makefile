@@ -37,7 +37,7 @@ lint: install
 	$(PY) -m ruff format --check kvbench tests scripts
 
 test: install lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2  # two workers: one per core (pytest-xdist)
 
 # Every committed sweep's summary tables and figures, then the figures and paper tables over all committed sweeps
 # (results/sweeps only: scratch runs such as `make demo`'s results/runs never reach a committed file).
