@@ -5,23 +5,19 @@ from __future__ import annotations
 
 import torch
 
-from kvbench.cache import LayerCache
 from kvbench.labels import display_name
 from kvbench.policies.adakv import AdaKVPolicy
 
-from .test_snapkv_pyramidkv import prefill_context
+from .test_snapkv_pyramidkv import cache, vote_then_evict
 
 
 def test_adakv_shares_the_layer_budget_by_score_across_heads():
     torch.manual_seed(1)
     n, heads, window, capacity, alpha = 14, 3, 2, 5, 0.4
     votes = torch.rand(1, heads, n) * torch.tensor([3.0, 1.0, 0.2])[None, :, None]  # very uneven heads
-    layer = LayerCache()
-    layer.append(torch.randn(1, heads, n, 4), torch.randn(1, heads, n, 4), torch.arange(n)[None])
+    layer = cache(n, heads)
     policy = AdaKVPolicy(scorer="snapkv", scorer_params={"window": window, "kernel": 1}, alpha=alpha)
-    ctx = prefill_context(n, capacity)
-    policy.observe(layer, votes[:, :, None, :], torch.full((1, 1), n - 1), ctx)
-    policy.evict(layer, ctx)
+    vote_then_evict(policy, layer, votes, capacity)
     # Dense reference. SnapKV scores the prefix by its votes (window columns score 0 but are protected).
     prefix = votes[0, :, : n - window]
     guard = int(capacity * alpha)  # 2 per head
@@ -41,11 +37,8 @@ def test_adakv_shares_the_layer_budget_by_score_across_heads():
 
 def test_adakv_alpha_one_is_the_scorers_uniform_top_k():
     votes = torch.rand(1, 2, 10, generator=torch.Generator().manual_seed(2))
-    layer = LayerCache()
-    layer.append(torch.randn(1, 2, 10, 4), torch.randn(1, 2, 10, 4), torch.arange(10)[None])
-    policy, ctx = AdaKVPolicy(scorer_params={"window": 1, "kernel": 1}, alpha=1.0), prefill_context(10, 4)
-    policy.observe(layer, votes[:, :, None, :], torch.full((1, 1), 9), ctx)
-    policy.evict(layer, ctx)
+    layer = cache(10, heads=2)
+    vote_then_evict(AdaKVPolicy(scorer_params={"window": 1, "kernel": 1}, alpha=1.0), layer, votes, 4)
     assert layer.held()[0].tolist() == [4, 4]  # the whole budget is the safeguard: every head keeps 4
 
 

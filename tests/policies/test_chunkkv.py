@@ -6,23 +6,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvbench.cache import LayerCache
 from kvbench.errors import UserError
 from kvbench.policies.chunkkv import ChunkKVPolicy
 
-from .test_snapkv_pyramidkv import prefill_context
+from .test_snapkv_pyramidkv import cache, vote_then_evict
 
 
 def test_chunkkv_keeps_the_best_whole_chunks_after_the_window():
     torch.manual_seed(0)
     n, heads, chunk, window, capacity = 22, 2, 4, 2, 12
     votes = torch.rand(1, heads, n)
-    layer = LayerCache()
-    layer.append(torch.randn(1, heads, n, 4), torch.randn(1, heads, n, 4), torch.arange(n)[None])
+    layer = cache(n, heads)
     policy = ChunkKVPolicy(scorer="snapkv", scorer_params={"window": window, "kernel": 1}, chunk_size=chunk)
-    ctx = prefill_context(n, capacity)
-    policy.observe(layer, votes[:, :, None, :], torch.full((1, 1), n - 1), ctx)
-    policy.evict(layer, ctx)
+    vote_then_evict(policy, layer, votes, capacity)
     # Dense reference: prefix 0..19 in chunks of 4, per-head scores shifted to a zero minimum, summed over
     # tokens and heads; best chunks taken while they fit in capacity - window = 10 entries (two chunks).
     prefix = votes[0, :, : n - window]
@@ -39,12 +35,9 @@ def test_chunkkv_a_partial_chunk_competes_with_what_it_has():
     # Chunks of 4 over 10 keys, window 2: chunks {0..3}, {4..7}; 8, 9 are the window. Capacity 6 leaves room
     # for one chunk: the one with the higher summed vote.
     votes = torch.tensor([0.1, 0.1, 0.1, 0.1, 0.0, 0.3, 0.0, 0.0, 0.9, 0.9])
-    layer = LayerCache()
-    layer.append(torch.randn(1, 1, 10, 4), torch.randn(1, 1, 10, 4), torch.arange(10)[None])
+    layer = cache(10)
     policy = ChunkKVPolicy(scorer="snapkv", scorer_params={"window": 2, "kernel": 1}, chunk_size=4)
-    ctx = prefill_context(10, 6)
-    policy.observe(layer, votes[None, None, None, :], torch.full((1, 1), 9), ctx)
-    policy.evict(layer, ctx)
+    vote_then_evict(policy, layer, votes[None, None, :], 6)
     assert layer.positions[0, 0][layer.valid[0, 0]].tolist() == [0, 1, 2, 3, 8, 9]  # 0.4 beats 0.3
 
 

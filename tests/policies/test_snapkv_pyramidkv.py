@@ -23,10 +23,18 @@ def prefill_context(seen: int, capacity: int, layer_idx: int = 0, n_layers: int 
     )
 
 
-def cache(n_keys: int) -> LayerCache:
+def cache(n_keys: int, heads: int = 1) -> LayerCache:
     layer = LayerCache()
-    layer.append(torch.randn(1, 1, n_keys, 4), torch.randn(1, 1, n_keys, 4), torch.arange(n_keys)[None])
+    layer.append(torch.randn(1, heads, n_keys, 4), torch.randn(1, heads, n_keys, 4), torch.arange(n_keys)[None])
     return layer
+
+
+def vote_then_evict(policy, layer: LayerCache, votes: torch.Tensor, capacity: int) -> None:
+    """Prefill eviction after one observed row: ``votes`` [1, H, T] is the last prompt query's attention."""
+    n = votes.shape[-1]
+    ctx = prefill_context(n, capacity)
+    policy.observe(layer, votes[:, :, None, :], torch.full((1, 1), n - 1), ctx)
+    policy.evict(layer, ctx)
 
 
 def kept_positions(layer: LayerCache) -> list[int]:
