@@ -13,15 +13,12 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.errors import InstantiationException
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
@@ -31,7 +28,7 @@ from kvbench.config import check_fields, check_settings
 from kvbench.engine.engine import Engine, make_engine
 from kvbench.engine.generate import Batch, generate
 from kvbench.engine.kernels import KERNELS
-from kvbench.errors import UserError
+from kvbench.errors import UserError, instantiate
 from kvbench.measure import peak_kind
 from kvbench.policies.base import Budget, Policy
 from kvbench.schema import Prediction, Row, config_hash, git_commit, versions
@@ -61,14 +58,14 @@ def plan(cfg: DictConfig, check_model: bool = True) -> Plan:
     check_settings(cfg)
     check_fields(models.ModelSpec, OmegaConf.to_container(cfg.model, resolve=True), prefix="model.")
     budget = Budget.from_config(cfg.budget, cfg.get("budget_tokens"))
-    policy = checked(policies.build, cfg.get("policy"))
+    policy = policies.build(cfg.get("policy"))
     policy.check_budget(budget)
     check_kernel(cfg.attention, cfg.device, cfg.dtype)
     spec = models.ModelSpec(**OmegaConf.to_container(cfg.model, resolve=True))
     config = models.check_available(spec) if check_model else None
     context = (config or {}).get("max_position_embeddings")
     data_dir = Path(cfg.data_dir).expanduser()
-    tasks = checked(instantiate, cfg.task).subtasks()
+    tasks = instantiate(cfg.task).subtasks()
     for task in tasks:
         task.check_data(data_dir)
         known = task.example_ids(data_dir) if cfg.get("ids") is not None else None
@@ -91,17 +88,6 @@ def prompt_limit(spec: models.ModelSpec, task: Task, context: int | None) -> int
     if spec.max_prompt_tokens is not None:
         return spec.max_prompt_tokens
     return None if context is None else context - task.max_new_tokens
-
-
-def checked(make: Callable[..., Any], node: DictConfig | None) -> Any:
-    """``make(node)`` (Hydra's ``instantiate`` underneath), with a ``UserError`` the class raises (bad field values)
-    passed on as it is."""
-    try:
-        return make(node)
-    except InstantiationException as error:
-        if isinstance(error.__cause__, UserError):
-            raise error.__cause__ from None
-        raise
 
 
 def truncates(task: Task) -> bool:

@@ -24,20 +24,13 @@ def build(config: Mapping[str, Any] | str | None = None, **overrides: Any) -> Po
         from kvbench.policies.full import FullCache
 
         return FullCache(**overrides)
-    from hydra.errors import InstantiationException
-    from hydra.utils import instantiate
     from omegaconf import OmegaConf
 
-    from kvbench.errors import UserError
+    from kvbench.errors import instantiate
 
     if isinstance(config, str):
         config = OmegaConf.load(CONFIGS / f"{config}.yaml")
-    try:
-        return instantiate(config, **overrides)
-    except InstantiationException as error:  # a constructor's one-line error (a wrapper's unknown scorer)
-        if isinstance(error.__cause__, UserError):
-            raise error.__cause__ from None
-        raise
+    return instantiate(config, **overrides)
 
 
 __all__ = ["build"]
