@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from pathlib import PurePath
 from typing import Any
 
@@ -45,14 +44,6 @@ def policy_label(
     text = value_text if short_paths else format_value
     values = ",".join(f"{k}={text(v)}" for k, v in params.items())
     return f"{name} ({values})" if name != policy else f"{name}({values})"
-
-
-def table_setting(line: Mapping[str, Any]) -> str:
-    """A row's or summary line's ``setting`` as the paper tables show it: path-valued parameters cut to their
-    last part, so no machine's folders reach a committed table (``kernels=smollm2_135m_h2o_0.1``)."""
-    params = line["policy_params"] if isinstance(line["policy_params"], dict) else None
-    label = policy_label(line["policy"], params, line["display_name"], short_paths=True)
-    return f"{label} [{line['variant']}]" if line["variant"] else label
 
 
 def point_label(setting: str, budget_label: str) -> str:

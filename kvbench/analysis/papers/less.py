@@ -10,7 +10,7 @@ from matplotlib.figure import Figure
 
 from kvbench.analysis.figures import Output, series_colors, task_title
 from kvbench.analysis.load import MACRO, predictions, summary
-from kvbench.analysis.names import safe, table_setting
+from kvbench.analysis.names import safe
 
 # LESS's ``base`` parameter -> the kvbench policy that holds the same sparse set.
 LESS_BASES = {"lambda": "streaming_llm"}
@@ -86,8 +86,8 @@ def less_gap_table(lines: pd.DataFrame, df: pd.DataFrame | None = None) -> pd.Da
             scores = _paired(df, full.iloc[0], base, less)
             if scores is None:
                 continue
-        rows.append({"model": less["model"], "task": less["task"], "less": table_setting(less)})
-        rows[-1].update(budget=less["budget_label"], base=table_setting(base))
+        rows.append({"model": less["model"], "task": less["task"], "less": less["setting"]})
+        rows[-1].update(budget=less["budget_label"], base=base["setting"])
         rows[-1].update(dict(zip(("full", "base_score", "less_score"), scores, strict=True)))
     table = pd.DataFrame(rows, columns=["model", "task", "less", "budget", "base", "full", "base_score", "less_score"])
     if df is not None and not table.empty:

@@ -10,7 +10,7 @@ from matplotlib.figure import Figure
 
 from kvbench.analysis.figures import Output, short_labels
 from kvbench.analysis.load import predictions
-from kvbench.analysis.names import point_label, safe, table_setting
+from kvbench.analysis.names import point_label, safe
 
 
 def scores_by_length(df: pd.DataFrame, lines: pd.DataFrame | None = None) -> Output:
@@ -18,7 +18,7 @@ def scores_by_length(df: pd.DataFrame, lines: pd.DataFrame | None = None) -> Out
     (task, length), each cell ``score (kept fraction)`` over that length's examples, per model."""
     records = []
     for _, row in df[df["task_family"] == "synthetic"].iterrows():
-        point = point_label(table_setting(row), row["budget_label"])
+        point = point_label(row["setting"], row["budget_label"])
         for record in predictions(row):
             length = (record.get("meta") or {}).get("length")
             if length is not None and record.get("score") is not None:
