@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvbench.cache import EMPTY, KVCache
+from kvbench.cache import EMPTY, KVCache, LayerCache
 from kvbench.engine.kernels import ROW_BLOCK, attention, attention_probs
 from kvbench.engine.meters import Meters
 from kvbench.policies.base import Budget, Context, Needs, Policy
@@ -38,6 +38,7 @@ class Step:
     queries_from: int = 0  # pass the queries from this index of the chunk on (``Needs.queries`` window)
     seen: list[int] | None = None  # host: tokens seen per example after this step (``Engine.seen`` without a read)
     padded: bool = True  # host: whether any query of the step is padding (EMPTY)
+    columns_left: int = 0  # host: prompt columns after this step (0 for decode and the prompt's last chunk)
 
 
 @dataclass
@@ -57,6 +58,9 @@ class Engine:
     prompt_lengths: torch.Tensor | None = field(init=False, default=None)  # [B]
     prompt_lengths_host: list[int] = field(init=False, default_factory=list)
     token_ids: torch.Tensor | None = field(init=False, default=None)  # [B, P] id at each position
+    max_new_tokens: int = field(init=False, default=0)
+    width: int = field(init=False, default=0)  # prompt columns of the batch (left padding included)
+    decode_growth: int = field(init=False, default=0)  # slots a layer may gain over the decode steps (``reserve``)
     _held_out: tuple[torch.Tensor, list[int], torch.Tensor, list[int]] | None = field(init=False, default=None)
     _step: Step | None = field(init=False, default=None)  # the last step attended
     _context: tuple[Step, Context] | None = field(init=False, default=None)
@@ -71,6 +75,7 @@ class Engine:
         ``max_new_tokens`` more) and the held-out columns [split, L) appended after compression."""
         lengths = attention_mask.long().sum(-1)
         self.prompt_lengths, self.prompt_lengths_host = lengths, lengths.tolist()
+        self.max_new_tokens, self.width = max_new_tokens, input_ids.shape[1]
         positions = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, EMPTY)
         width = max(self.prompt_lengths_host) + max_new_tokens
         ids = torch.full((input_ids.shape[0], width + 1), -1, dtype=torch.long, device=input_ids.device)
@@ -80,6 +85,36 @@ class Engine:
             compressed = attention_mask[:, :split].long().sum(-1)
             held_out = attention_mask[:, split:].long().sum(-1)
             self._held_out = (compressed, compressed.tolist(), held_out, held_out.tolist())
+
+    def reserve(self, chunk_size: int, evict_per_chunk: bool) -> None:
+        """Size every layer's buffers for the prefill ahead from host numbers (the sizing rule, with ``fit``).
+
+        A decode step adds one entry; a policy that evicts every step under a known capacity holds, after the
+        prompt, at most the capacity's growth over the steps plus that one entry more (``decode_growth``). The
+        prefill takes the prompt's columns (with per-chunk eviction under a budget: the capacity at the
+        prompt's end plus one chunk) plus that growth. A buffer that must grow beyond this grows by
+        ``cache.GROWTH``.
+        """
+        capacity = self.capacity(self.prompt_lengths, self.prompt_lengths_host)[1]
+        steps = max(0, self.max_new_tokens - 1)
+        self.decode_growth = steps
+        if capacity is not None and self.needs.phase != "prefill":
+            final = [length + steps for length in self.prompt_lengths_host]
+            grown = max(self.capacity(self.prompt_lengths + steps, final)[1]) - max(capacity) + 1
+            self.decode_growth = min(steps, grown)
+        slots = self.width
+        if evict_per_chunk and capacity is not None:
+            slots = min(slots, max(capacity) + chunk_size)
+        for layer in self.cache.layers:
+            layer.reserved = slots + self.decode_growth
+
+    def fit(self, layer: LayerCache, columns_left: int) -> None:
+        """After a prompt eviction, or at the prompt's end (``columns_left`` = 0): size ``layer``'s buffers to
+        the slots in use plus the prompt columns still to come and the decode growth, freeing what eviction
+        emptied (shrinking only while prompt columns remain)."""
+        slots = layer.length + columns_left + self.decode_growth
+        if slots < layer.capacity or (not columns_left and slots != layer.capacity):
+            layer.fit(slots)
 
     def add_tokens(self, positions: torch.Tensor, tokens: torch.Tensor) -> None:
         """Record the generated (or teacher-forced) ``tokens`` [B] at ``positions`` [B]."""
@@ -171,6 +206,8 @@ class Engine:
                 policy.observe(layer, probs, step.positions[:, rows], ctx)
         if step.evict and (not decode or needs.phase != "prefill"):
             policy.evict(layer, self.context(layer_idx, step))
+            if not decode:
+                self.fit(layer, step.columns_left)
         meters.bytes(layer, layer_idx, decode)
         if layer_idx == self.n_layers - 1:
             self.cache.trim_pending()  # one host read for every layer whose kept length was data-dependent

@@ -58,9 +58,12 @@ def prefill(model, engine: Engine, batch: Batch, chunk_size: int, evict_per_chun
     spans = [(s, min(s + chunk_size, batch.split)) for s in range(0, batch.split, chunk_size)]
     spans += [(batch.split, width)] if batch.split < width else []
     logits = None
+    engine.reserve(chunk_size, evict_per_chunk)
     for start, end in spans:
         step = _prefill_step(engine, batch, positions, (start, end), evict_per_chunk, pads)
         logits = _forward(model, engine, batch.input_ids[:, start:end], step, logits_to_keep=1)
+    for layer in engine.cache.layers:
+        engine.fit(layer, 0)
     return logits
 
 
@@ -84,6 +87,7 @@ def _prefill_step(
         queries_from=queries_from,
         seen=[max(0, end - pad) for pad in pads],
         padded=any(pad > start for pad in pads),
+        columns_left=batch.input_ids.shape[1] - end,
     )
 
 

@@ -30,7 +30,7 @@ class StreamingLLMPolicy(ScorerPolicy):
         if self.position_shift:
             valid = layer.valid
             delta = (keep & valid).long().cumsum(-1) - valid.long().cumsum(-1)  # new rank - old rank
-            layer.keys = rotate(layer.keys, delta, ctx.inv_freq)
+            layer.keys.copy_(rotate(layer.keys, delta, ctx.inv_freq))
 
     def score(self, layer: LayerCache, ctx: Context) -> torch.Tensor:
         # Recent tokens rank by recency; among the sinks the earliest rank first (for budgets below n_sink).

@@ -292,7 +292,7 @@ def base_keep(policy: ScorerPolicy, positions, valid, scores, seen, capacity) ->
     ``seen`` tokens [B] under ``capacity`` [B]: ``policy.select`` on a cache of positions only, H2O's accumulated
     attention ``scores`` as its statistic (unused by Lambda)."""
     layer = LayerCache(positions=positions.masked_fill(~valid, EMPTY).to(torch.int32))
-    layer.stats["h2o"] = scores  # H2OPolicy.score reads the accumulated attention under this name
+    layer.stat("h2o").copy_(scores)  # H2OPolicy.score reads the accumulated attention under this name
     ctx = Context(layer_idx=0, n_layers=1, phase="prefill", seen=seen, prompt_lengths=seen, capacity=capacity,
                   token_ids=None, group_size=1)  # fmt: skip
     keep = policy.select(layer, ctx)

@@ -66,10 +66,14 @@ def dense_recovery(rows: torch.Tensor, ids: torch.Tensor, special, punct, r_l=0.
 
 
 def prefill_head(fastgen: FastGenPolicy, rows: torch.Tensor, ids: torch.Tensor, group_size: int = 1, block: int = 7):
-    """Stream hand-built rows [B, H, n, n] (left-padded; padding rows and slots are zero) through observe in
-    blocks, then evict at the end of prefill. ``ids`` [B, n] by slot; returns (layer, ctx)."""
+    """Stream hand-built rows [B, H, n, n] (left-padded; padding rows and columns are zero) through observe in
+    blocks, then evict at the end of prefill. ``ids`` [B, n] by column; returns (layer, ctx).
+
+    The cache holds a row's tokens in its first slots (padding after them), so the key columns are moved to
+    those slots."""
     batch, heads, n, _ = rows.shape
     lengths = (ids >= 0).sum(-1)
+    rows = torch.stack([rows[b].roll(int(length) - n, dims=-1) for b, length in enumerate(lengths)])
     positions = torch.arange(n)[None, :] - (n - lengths)[:, None]
     positions = positions.masked_fill(positions < 0, EMPTY)
     token_ids = torch.full((batch, n + 64), -1, dtype=torch.long)  # room for decode steps
