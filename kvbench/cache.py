@@ -153,6 +153,13 @@ class LayerCache:
         if length < self.length:
             self._view(length)
 
+    def drop_from(self, positions: torch.Tensor, length: int) -> None:
+        """Drop the entries of the last steps, at ``positions`` [B, q] or later, and stop using the slots from
+        ``length`` (the length before them) on. They sit right after each row's held entries."""
+        first = torch.where(positions != EMPTY, positions, EMPTY).amin(-1)  # [B]
+        self.positions.masked_fill_(self.positions >= first[:, None, None], EMPTY)
+        self.trim(length)
+
     def fit(self, slots: int) -> None:
         """Reallocate the buffers to ``slots`` (at least the slots in use): an engine's phase boundary."""
         self.reserved = slots

@@ -332,6 +332,7 @@ class Runner:
                     prefill_s=out.prefill_s * share,
                     decode_s=out.decode_s * share,
                     ttft_s=out.prefill_s,
+                    score_pass_s=out.score_pass_s,
                     prefill_peak_bytes=out.prefill_peak_bytes,
                     decode_peak_bytes=out.decode_peak_bytes,
                     policy_diagnostics=policy_diagnostics[row] if policy_diagnostics else None,
@@ -366,6 +367,7 @@ class Runner:
         prefill_s = sum(r["prefill_s"] for r in records)
         decode_s = sum(r["decode_s"] for r in records)
         masses = [r["attention_mass_retained"] for r in records if r["attention_mass_retained"] is not None]
+        passes = [r["score_pass_s"] for r in records if r.get("score_pass_s") is not None]  # older records lack it
         n_layers = len(records[0]["kv_kept_per_head"]) if records else 0
         per_layer = [
             sum(sum(r["kv_kept_per_head"][layer]) / len(r["kv_kept_per_head"][layer]) for r in records) / len(records)
@@ -406,6 +408,7 @@ class Runner:
             prefill_tokens_per_s=sum(r["n_prompt_tokens"] for r in records) / prefill_s if prefill_s else None,
             decode_tokens_per_s=sum(map(_decode_tokens, records)) / decode_s if decode_s else None,
             ttft_s=_mean([r["ttft_s"] for r in records]),
+            score_pass_s=_mean(passes) if passes else None,
             wall_s=wall_s,
             device=self.device.type,
             dtype=str(self.dtype).removeprefix("torch."),

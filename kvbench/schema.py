@@ -174,6 +174,12 @@ class Row:
         legacy=None,
         wandb=("speed/ttft_s", "mean"),
     )
+    score_pass_s: float | None = column(
+        "Mean seconds of the policy's scoring pass in the example's batch (KVzip's context reconstruction), "
+        "part of `ttft_s`; null for a policy without one",
+        legacy=None,
+        wandb=("speed/score_pass_s", "mean"),
+    )
     wall_s: float = column("Wall time of this task's examples in this process", wandb=("time/wall_s", "sum"))
     device: str = column("`cpu` or `cuda`")
     dtype: str = column("Model dtype: `float32`, `bfloat16` or `float16`")
@@ -233,6 +239,7 @@ class Prediction:
     prefill_s: float = column("The batch's prefill time x this example's share of its prompt tokens")
     decode_s: float = column("The batch's decode time x this example's share of its prompt tokens")
     ttft_s: float = column("The batch's prefill time (time to first token)")
+    score_pass_s: float | None = column("The batch's scoring-pass time, part of `ttft_s` (null: no such pass)")
     prefill_peak_bytes: int = column("Peak device memory during the batch's prefill")
     decode_peak_bytes: int = column("Peak device memory during the batch's decode")
     policy_diagnostics: dict[str, Any] | None = column("Policy-specific diagnostics (e.g. FastGen's choice per head)")

@@ -26,6 +26,8 @@ from kvbench.engine.kernels import ROW_BLOCK, attention, attention_probs
 from kvbench.engine.meters import Meters
 from kvbench.policies.base import Budget, Context, Needs, Policy
 
+RECONSTRUCTION_PROMPT = 64  # slots reserved for a scoring pass's instruction tokens (``Needs.reconstruction``)
+
 
 @dataclass(frozen=True)
 class Step:
@@ -64,6 +66,7 @@ class Engine:
     _held_out: tuple[torch.Tensor, list[int], torch.Tensor, list[int]] | None = field(init=False, default=None)
     _step: Step | None = field(init=False, default=None)  # the last step attended
     _context: tuple[Step, Context] | None = field(init=False, default=None)
+    score_pass_s: float | None = field(init=False, default=None)  # seconds of ``Needs.reconstruction`` passes
 
     def __post_init__(self) -> None:
         self.cache = KVCache.empty(self.n_layers)
@@ -105,6 +108,8 @@ class Engine:
         slots = self.width
         if evict_per_chunk and capacity is not None:
             slots = min(slots, max(capacity) + chunk_size)
+        if self.needs.reconstruction:  # a scoring pass's chunk and its instruction stay until the eviction
+            slots += self.needs.reconstruction + RECONSTRUCTION_PROMPT
         for layer in self.cache.layers:
             layer.reserved = slots + self.decode_growth
 
@@ -182,6 +187,8 @@ class Engine:
         self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, step: Step
     ) -> torch.Tensor:
         """query [B, H, q, D]; key/value [B, Hkv, q, D] (new entries only) of ``step``. Returns [B, q, H, D]."""
+        if step.phase == "reconstruct":
+            return self._attend_reconstruction(layer_idx, query, key, value, scale, step)
         self._step = step
         layer = self.cache.layers[layer_idx]
         layer.append(key, value, step.positions, padded=step.padded)
@@ -206,7 +213,9 @@ class Engine:
                 policy.observe(layer, probs, step.positions[:, rows], ctx)
         if step.evict and (not decode or needs.phase != "prefill"):
             policy.evict(layer, self.context(layer_idx, step))
-            if not decode:
+            if not decode:  # the prompt's eviction: free what it emptied now (one read if the cut is data-dependent)
+                if layer.untrimmed is not None:
+                    layer.trim(int(layer.untrimmed))
                 self.fit(layer, step.columns_left)
         meters.bytes(layer, layer_idx, decode)
         if layer_idx == self.n_layers - 1:
@@ -218,6 +227,37 @@ class Engine:
             if decode:
                 meters.decode_steps += 1
         return out.transpose(1, 2).contiguous()
+
+    def _attend_reconstruction(
+        self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, step: Step
+    ) -> torch.Tensor:
+        """A step of a ``Needs.reconstruction`` scoring pass: its tokens attend to the held entries and to each
+        other, every row goes to ``observe``, and its own entries leave the layer again (nothing is evicted)."""
+        layer = self.cache.layers[layer_idx]
+        length, had_empty = layer.length, layer.may_have_empty
+        layer.append(key, value, step.positions, padded=step.padded)
+        empty = had_empty or step.padded
+        out = attention(query, layer, step.positions, scale, self.group_size, self.kernel, empty=empty)
+        ctx = self.context(layer_idx, step)
+        for start in range(0, query.shape[2], ROW_BLOCK):
+            rows = slice(start, min(start + ROW_BLOCK, query.shape[2]))
+            probs = attention_probs(query[:, :, rows], layer, step.positions[:, rows], scale, self.group_size)
+            self.policy.observe(layer, probs, step.positions[:, rows], ctx)
+        layer.drop_from(step.positions, length)
+        layer.may_have_empty = had_empty  # the step's padding left with its entries
+        return out.transpose(1, 2).contiguous()
+
+    def evict_all(self, step: Step) -> None:
+        """The eviction at the end of ``step`` (a prefill step run with ``evict=False``), outside a forward pass:
+        every layer, then the meters, as ``attend`` does for a step that evicts (after a scoring pass)."""
+        self._step = step
+        for index, layer in enumerate(self.cache.layers):
+            self.policy.evict(layer, self.context(index, step))
+        self.cache.trim_pending()
+        for index, layer in enumerate(self.cache.layers):
+            self.fit(layer, step.columns_left)
+            self.meters.bytes(layer, index, False)
+        self.meters.count_held(self.cache, step.seen if step.seen is not None else self.seen(step).tolist())
 
 
 def make_engine(

@@ -9,6 +9,7 @@ compression without eviction: the held-out question of the query-agnostic protoc
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -43,6 +44,7 @@ class Generation:
     n_decode_tokens: list[int]  # per example: tokens its decode steps produced (the first token is prefill's)
     prefill_peak_bytes: int
     decode_peak_bytes: int
+    score_pass_s: float | None = None  # seconds of the policy's scoring pass, part of prefill_s (KVzip)
 
 
 def synchronize(device: torch.device) -> None:
@@ -57,14 +59,52 @@ def prefill(model, engine: Engine, batch: Batch, chunk_size: int, evict_per_chun
     pads = [width - length for length in engine.prompt_lengths_host]  # left padding per example (host)
     spans = [(s, min(s + chunk_size, batch.split)) for s in range(0, batch.split, chunk_size)]
     spans += [(batch.split, width)] if batch.split < width else []
-    logits = None
+    logits, scored = None, 0
     engine.reserve(chunk_size, evict_per_chunk)
     for start, end in spans:
         step = _prefill_step(engine, batch, positions, (start, end), evict_per_chunk, pads)
+        deferred = step.evict and engine.needs.reconstruction > 0  # the scoring pass comes before the eviction
+        step = dataclasses.replace(step, evict=False) if deferred else step
         logits = _forward(model, engine, batch.input_ids[:, start:end], step, logits_to_keep=1)
+        if deferred:
+            _reconstruct(model, engine, [(max(0, scored - pad), max(0, end - pad)) for pad in pads])
+            engine.evict_all(dataclasses.replace(step, evict=True))
+            scored = end
     for layer in engine.cache.layers:
         engine.fit(layer, 0)
     return logits
+
+
+def _reconstruct(model, engine: Engine, spans: list[tuple[int, int]]) -> None:
+    """The policy's scoring pass (``Needs.reconstruction``) over each example's context positions
+    [start, end) (``spans``), in chunks of that many positions: chunk k of every example in one forward pass
+    (left-padded), its tokens at the positions after the context; adds its seconds to ``engine.score_pass_s``."""
+    device = engine.token_ids.device
+    synchronize(device)
+    began = time.perf_counter()
+    size = engine.needs.reconstruction
+    ids = engine.token_ids.tolist()
+    chunks = [[(s, min(s + size, end)) for s in range(start, end, size)] for start, end in spans]
+    for k in range(max(map(len, chunks), default=0)):
+        rows = [
+            engine.policy.reconstruction_ids(ids[b][: own[k][1]], *own[k]) if k < len(own) else []
+            for b, own in enumerate(chunks)
+        ]
+        width = max(map(len, rows))
+        tokens, positions = [], []
+        for row, (_, end) in zip(rows, spans, strict=True):  # left-padded, at the positions after the context
+            tokens.append([0] * (width - len(row)) + row)
+            positions.append([EMPTY] * (width - len(row)) + list(range(end, end + len(row))))
+        step = Step(
+            positions=torch.tensor(positions, device=device),
+            phase="reconstruct",
+            evict=False,
+            seen=[end + len(row) for row, (_, end) in zip(rows, spans, strict=True)],
+            padded=any(len(row) < width for row in rows),
+        )
+        _forward(model, engine, torch.tensor(tokens, device=device), step, logits_to_keep=1)
+    synchronize(device)
+    engine.score_pass_s = (engine.score_pass_s or 0.0) + time.perf_counter() - began
 
 
 def _prefill_step(
@@ -185,6 +225,7 @@ def generate(
         n_decode_tokens=n_decode,
         prefill_peak_bytes=prefill_peak,
         decode_peak_bytes=read_peak(device),
+        score_pass_s=engine.score_pass_s,
     )
 
 

@@ -94,6 +94,10 @@ class Needs:
     kv_masked: bool = False  # results are marked: the keys are masked, not freed
     position_shift: bool | Callable[[Any], bool] = False  # RoPE positions = rank among held slots, not original
     heads_aligned: bool = False  # the keep mask is the same for every KV head (position-only rules)
+    # Context tokens per chunk of a scoring pass run before each prefill eviction (KVzip's reconstruction):
+    # ``Policy.reconstruction_ids`` of each chunk are fed after the context, their rows go to ``observe``
+    # (phase "reconstruct") and their own entries are dropped; 0: no such pass.
+    reconstruction: int | Callable[[Any], int] = 0
 
     def __post_init__(self) -> None:
         for name, allowed in (("phase", PHASES), ("budget", BUDGET_RULES)):
@@ -115,7 +119,7 @@ class Context:
 
     layer_idx: int
     n_layers: int
-    phase: str  # "prefill" | "decode"
+    phase: str  # "prefill" | "decode" | "reconstruct" (a ``Needs.reconstruction`` scoring pass)
     seen: torch.Tensor  # [B] tokens seen so far (t)
     prompt_lengths: torch.Tensor  # [B]
     capacity: torch.Tensor | None  # [B] entries allowed per (example, KV head), None = no budget
@@ -176,6 +180,11 @@ class Policy:
     def select(self, layer: LayerCache, ctx: Context) -> torch.Tensor | None:
         """Return a keep mask [B, Hkv, T], or None to keep everything."""
         return None
+
+    def reconstruction_ids(self, context: list[int], start: int, end: int) -> list[int]:
+        """With ``needs.reconstruction``: the token ids of the scoring pass over the context positions
+        [start, end) of one example, whose ids from position 0 to ``end`` are ``context``."""
+        raise NotImplementedError(f"policy '{self.name}' declares no reconstruction")
 
     def attention_output(
         self, layer: LayerCache, query: torch.Tensor, output: torch.Tensor, scale: float, ctx: Context

@@ -66,6 +66,7 @@ class WrapperPolicy(Policy):
         decode_rows=lambda p: p.inner.needed().decode_rows,
         queries=lambda p: p.inner.needed().queries,
         decode_queries=lambda p: p.inner.needed().decode_queries,
+        reconstruction=lambda p: p.inner.needed().reconstruction,
     )
 
     def __post_init__(self) -> None:
@@ -93,6 +94,9 @@ class WrapperPolicy(Policy):
         self, layer: LayerCache, queries: torch.Tensor, query_positions: torch.Tensor, ctx: Context
     ) -> None:
         self.inner.observe_queries(layer, queries, query_positions, ctx)
+
+    def reconstruction_ids(self, context: list[int], start: int, end: int) -> list[int]:
+        return self.inner.reconstruction_ids(context, start, end)
 
     def select(self, layer: LayerCache, ctx: Context) -> torch.Tensor | None:
         return self.inner.select(layer, ctx)

@@ -33,6 +33,7 @@ POLICIES = {
     "scissorhands": _recent(lambda p, c: torch.where(c >= p.recent, p.recent, 0)),
     "keydiff": None,
     "expected_attention": _sinks,
+    "kvzip": _sinks,
     "adakv": _recent(lambda p, c: torch.where(c >= p.inner.window, p.inner.window, 0)),
     "chunkkv": _recent(lambda p, c: torch.where(c >= p.inner.window, p.inner.window, 0)),
     "fixed_capacity": lambda p, *a: (_sinks if p.rule == "sliding_window" else _recent(lambda p, c: 1))(p, *a),
