@@ -171,7 +171,9 @@ class Runner:
 
     def engine(self, policy: Policy, budget: Budget) -> Engine:
         cfg = self.plan.cfg
-        return make_engine(self.model, policy, budget, diagnostics=bool(cfg.diagnostics), kernel=cfg.attention)
+        return make_engine(
+            self.model, policy, budget, diagnostics=bool(cfg.diagnostics), kernel=cfg.attention, compile=cfg.compile
+        )
 
     def run_task(self, task: Task) -> dict[str, Any] | None:
         """Evaluate one task, resuming from predictions on disk; returns its row (None if already done)."""
@@ -413,6 +415,7 @@ class Runner:
             device=self.device.type,
             dtype=str(self.dtype).removeprefix("torch."),
             attention=cfg.attention,
+            compile=bool(cfg.compile),
             diagnostics=bool(cfg.diagnostics),
             batch_size=int(cfg.batch_size),
             limit=cfg.limit,

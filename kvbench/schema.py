@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from kvbench.tasks.base import Task
 
 # Keys that do not change what a run computes; they stay out of the configuration hash.
-UNHASHED = ("results_dir", "data_dir", "logger", "sweep_id", "batch_size", "progress", "attention")
+UNHASHED = ("results_dir", "data_dir", "logger", "sweep_id", "batch_size", "progress", "attention", "compile")
 _NONE = object()  # no default for rows that predate a column
 
 
@@ -184,6 +184,7 @@ class Row:
     device: str = column("`cpu` or `cuda`")
     dtype: str = column("Model dtype: `float32`, `bfloat16` or `float16`")
     attention: str = column("Attention kernel: `sdpa` or `flash_attention_2` (not hashed)")
+    compile: bool = column("Whether decode steps ran under `torch.compile` (not hashed: same tokens)", legacy=False)
     diagnostics: bool = column("Whether attention-mass diagnostics were on")
     batch_size: int = column("Examples per batch (not hashed: per-example numbers do not depend on it)")
     limit: int | None = column("Examples per task asked for; null for all")

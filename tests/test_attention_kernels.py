@@ -127,9 +127,74 @@ def test_flash_attention_2_generation_equals_sdpa(tiny, fake_flash_attn):
     assert fake_flash_attn and tokens["flash_attention_2"] == tokens["sdpa"]
 
 
-def test_flash_attention_2_falls_back_to_sdpa_on_empty_slots(fake_flash_attn):
-    layer = _layer([[0, 1, EMPTY, 3], [0, 1, 2, 3]])
-    query, step, group = torch.randn(2, HEADS, 1, DIM), torch.tensor([[3], [3]]), HEADS // KV_HEADS
-    out = attention(query, layer, step, DIM**-0.5, group, "flash_attention_2")
-    assert fake_flash_attn == []
-    torch.testing.assert_close(out, _reference(query, layer, step, group))
+def _reference_flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens, softmax_scale=None, causal=False):
+    """flash-attn's documented contract: row b sees its first cache_seqlens[b] slots, causal lower-right
+    (query i of s_q sees slot j when j <= i + cache_seqlens[b] - s_q); a query seeing nothing outputs zeros."""
+    assert causal
+    group = q.shape[2] // k_cache.shape[2]
+    q, k, v = (t.transpose(1, 2) for t in (q, k_cache, v_cache))
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    s_q, slots = q.shape[2], torch.arange(k.shape[2])
+    seqlens = cache_seqlens.long()[:, None, None]
+    lower_right = slots[None, None, :] <= torch.arange(s_q)[None, :, None] + seqlens - s_q
+    allowed = (slots[None, None, :] < seqlens) & lower_right
+    logits = ((q @ k.transpose(-1, -2)) * softmax_scale).masked_fill(~allowed[:, None], float("-inf"))
+    probs = torch.nan_to_num(torch.softmax(logits, -1))
+    return probs.matmul(v).transpose(1, 2)
+
+
+@pytest.fixture
+def fake_flash_kvcache(monkeypatch) -> list[int]:
+    """A ``flash_attn`` module with both entry points as their references; counts ``flash_attn_with_kvcache`` calls."""
+    calls = []
+
+    def flash_attn_with_kvcache(*args, **kwargs):
+        calls.append(1)
+        return _reference_flash_attn_with_kvcache(*args, **kwargs)
+
+    module = types.SimpleNamespace(
+        flash_attn_func=_reference_flash_attn_func, flash_attn_with_kvcache=flash_attn_with_kvcache
+    )
+    monkeypatch.setitem(sys.modules, "flash_attn", module)
+    return calls
+
+
+def test_flash_attention_2_with_empty_slots_uses_cache_seqlens(fake_flash_kvcache):
+    """A left-padded chunk, then (after a per-head eviction: ragged heads) a decode step: the flash form over the
+    cache's prefix layout equals the boolean-mask reference on every real query."""
+    generator = torch.Generator().manual_seed(3)
+    group = HEADS // KV_HEADS
+    layer = LayerCache()
+    positions = torch.tensor([[EMPTY, EMPTY, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5]])
+    keys, values = (torch.randn(2, KV_HEADS, 6, DIM, generator=generator) for _ in range(2))
+    layer.append(keys, values, positions)
+    query = torch.randn(2, HEADS, 6, DIM, generator=generator)
+    out = attention(query, layer, positions, DIM**-0.5, group, "flash_attention_2", empty=True)
+    real = positions != EMPTY
+    expected = _reference(query, layer, positions, group)
+    torch.testing.assert_close(out.transpose(1, 2)[real], expected.transpose(1, 2)[real], atol=1e-5, rtol=1e-5)
+    keep = torch.rand(2, KV_HEADS, layer.length, generator=generator) < 0.6
+    layer.keep(keep)
+    assert not layer.heads_aligned
+    step = torch.tensor([[4], [6]])
+    layer.append(*(torch.randn(2, KV_HEADS, 1, DIM, generator=generator) for _ in range(2)), step, padded=False)
+    query = torch.randn(2, HEADS, 1, DIM, generator=generator)
+    out = attention(query, layer, step, DIM**-0.5, group, "flash_attention_2", empty=True)
+    torch.testing.assert_close(out, _reference(query, layer, step, group), atol=1e-5, rtol=1e-5)
+    assert fake_flash_kvcache == [1, 1]
+
+
+@pytest.mark.parametrize("policy", ["full", "adakv"])
+def test_flash_attention_2_padded_batch_generation_equals_sdpa(tiny, fake_flash_kvcache, policy):
+    """A left-padded batch of two prompts (and AdaKV's ragged heads): the same tokens as SDPA's boolean masks."""
+    from kvbench.policies import build
+
+    model, tokenizer = tiny
+    ids = [[list(range(3, 200)), []], [list(range(50, 170)), []]]
+    budget = Budget() if policy == "full" else Budget("fraction", 0.3)
+    tokens = {}
+    for kernel in ("sdpa", "flash_attention_2"):
+        engine = make_engine(model, build(policy), budget, kernel=kernel)
+        batch = collate(ids, tokenizer.pad_token_id or 0, "cpu")
+        tokens[kernel] = generate(model, engine, batch, 12, set(), chunk_size=64).tokens
+    assert fake_flash_kvcache and tokens["flash_attention_2"] == tokens["sdpa"]

@@ -53,6 +53,7 @@ class Engine:
     group_size: int
     diagnostics: bool = False
     kernel: str = "sdpa"  # one of kernels.KERNELS
+    compile: bool = False  # decode steps run the model under torch.compile (``generate.decoder``)
     inv_freq: torch.Tensor | None = None  # the model's RoPE frequencies, set by ``hooks.attach``
     cache: KVCache = field(init=False)
     needs: Needs = field(init=False)  # the policy's needs, resolved once
@@ -183,6 +184,7 @@ class Engine:
         ranks = valid.long().cumsum(-1) - 1 + (held[:, None] if torch.is_tensor(held) else held)
         return ranks.masked_fill(~valid, 0)
 
+    @torch.compiler.disable  # data-dependent policy code: a compiled model calls it eagerly, between its graphs
     def attend(
         self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, step: Step
     ) -> torch.Tensor:
@@ -261,12 +263,18 @@ class Engine:
 
 
 def make_engine(
-    model: torch.nn.Module, policy: Policy, budget: Budget, diagnostics: bool = False, kernel: str = "sdpa"
+    model: torch.nn.Module,
+    policy: Policy,
+    budget: Budget,
+    diagnostics: bool = False,
+    kernel: str = "sdpa",
+    compile: bool = False,
 ) -> Engine:
     """An engine for ``policy`` at ``budget`` sized for ``model`` (its layers and query heads per KV head)."""
     config = model.config
     group = config.num_attention_heads // config.num_key_value_heads
-    return Engine(policy, budget, config.num_hidden_layers, group, diagnostics=diagnostics, kernel=kernel)
+    layers = config.num_hidden_layers
+    return Engine(policy, budget, layers, group, diagnostics=diagnostics, kernel=kernel, compile=compile)
 
 
 __all__ = ["Engine", "Step", "make_engine"]

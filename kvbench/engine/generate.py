@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -163,6 +164,20 @@ def decode_step(model, engine: Engine, tokens: torch.Tensor, positions: torch.Te
     return _forward(model, engine, tokens[:, None], step)
 
 
+_COMPILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def decoder(model, engine: Engine):
+    """The model decode steps call: ``model`` itself, or with ``engine.compile`` the model under ``torch.compile``
+    (dynamic shapes, built once per model). kvbench's attention (``Engine.attend``) stays eager: the compiled
+    graphs are the rest of each layer (norms, projections, RoPE, MLP) and the head."""
+    if not engine.compile:
+        return model
+    if model not in _COMPILED:
+        _COMPILED[model] = torch.compile(model, dynamic=True)
+    return _COMPILED[model]
+
+
 def _unused_mask(positions: torch.Tensor) -> torch.Tensor:
     """An all-true 2-D mask for transformers, which kvbench's attention ignores (positions decide). Given one,
     transformers skips its packed-sequence check of ``position_ids``, a host read per forward."""
@@ -198,6 +213,7 @@ def generate(
         prefill_peak = read_peak(device)
         reset_peak(device)
         start = time.perf_counter()
+        stepper = decoder(model, engine)
         outputs: list[list[int]] = [[] for _ in range(len(lengths))]
         done = [False] * len(lengths)
         n_decode = [0] * len(lengths)
@@ -214,7 +230,7 @@ def generate(
             if all(done) or step == max_new_tokens - 1:
                 break
             seen = [length + step + 1 for length in engine.prompt_lengths_host]
-            next_tokens = decode_step(model, engine, next_tokens, lengths + step, seen).argmax(-1)
+            next_tokens = decode_step(stepper, engine, next_tokens, lengths + step, seen).argmax(-1)
             n_decode = [count + (not stop) for count, stop in zip(n_decode, done, strict=True)]
         synchronize(device)
         decode_s = time.perf_counter() - start
@@ -243,12 +259,13 @@ def teacher_forced_nll(
     nll = []
     with attach(model, engine):
         logits = prefill(model, engine, batch, chunk_size, evict_per_chunk)
+        stepper = decoder(model, engine)
         for step in range(targets.shape[1]):
             nll.append(F.cross_entropy(logits.float(), targets[:, step], reduction="none"))
             if step == targets.shape[1] - 1:
                 break
             seen = [length + step + 1 for length in engine.prompt_lengths_host]
-            logits = decode_step(model, engine, targets[:, step], lengths + step, seen)
+            logits = decode_step(stepper, engine, targets[:, step], lengths + step, seen)
     return torch.stack(nll, 1)
 
 

@@ -8,7 +8,10 @@ for a decode step and ``is_causal`` for a first prefill chunk, forms SDPA serves
 (later chunks: a lower-right causal bias; with GQA, which SDPA's lower-right bias does not take, over keys and
 values expanded per group). Otherwise (left padding, ragged per-head caches) it gets the boolean mask of
 ``visible``. ``flash_attention_2`` calls flash-attn's ``flash_attn_func`` (causal, which flash-attn aligns
-lower-right, GQA native) in the no-empty case and falls back to SDPA with the boolean mask otherwise.
+lower-right, GQA native) in the no-empty case. With empty slots it calls ``flash_attn_with_kvcache`` with
+``cache_seqlens``, the entries each row holds: the cache's prefix layout (a row's entries in its first slots, in
+position order, the step's valid tokens last) makes a row's visible keys its first ``cache_seqlens`` slots,
+causal lower-right; ragged heads go as rows of their own (batch x KV heads, one KV head each).
 
 Nothing n x n is materialised: rows for statistics over all prompt queries are computed in blocks of
 ``ROW_BLOCK`` queries.
@@ -48,12 +51,35 @@ def attention(
         keys, values = layer.keys.transpose(1, 2), layer.values.transpose(1, 2)
         out = flash_attn_func(query.transpose(1, 2), keys, values, softmax_scale=scale, causal=True)
         return out.transpose(1, 2)
+    if kernel == "flash_attention_2" and not layer.holes:
+        return flash_with_seqlens(query, layer, scale, group_size)
     masking = sdpa_masking(layer, query_positions, group_size, empty)
     keys, values = layer.keys, layer.values
     if isinstance(masking.get("attn_mask"), CausalBias) and group_size > 1:  # lower-right takes no GQA: expand
         keys, values = keys.repeat_interleave(group_size, dim=1), values.repeat_interleave(group_size, dim=1)
         return F.scaled_dot_product_attention(query, keys, values, scale=scale, **masking)
     return F.scaled_dot_product_attention(query, keys, values, scale=scale, enable_gqa=group_size > 1, **masking)
+
+
+def flash_with_seqlens(query: torch.Tensor, layer: LayerCache, scale: float, group_size: int) -> torch.Tensor:
+    """flash-attn over a cache with empty slots (padding, ragged heads): ``flash_attn_with_kvcache`` on the
+    buffers, each row seeing its first ``cache_seqlens`` = held slots, causal lower-right. Returns [B, H, q, D]."""
+    from flash_attn import flash_attn_with_kvcache
+
+    batch, heads, q_len, dim = query.shape
+    held = layer.held().to(torch.int32)  # [B, Hkv], after the step's own entries
+    if layer.heads_aligned:
+        keys, values = layer.keys.transpose(1, 2), layer.values.transpose(1, 2)  # [B, T, Hkv, D]
+        out = flash_attn_with_kvcache(
+            query.transpose(1, 2), keys, values, cache_seqlens=held[:, 0], softmax_scale=scale, causal=True
+        )
+        return out.transpose(1, 2)
+    kv_heads = heads // group_size  # ragged: one row per (example, KV head), its query heads as heads
+    rows = query.reshape(batch * kv_heads, group_size, q_len, dim).transpose(1, 2)
+    keys = layer.keys.reshape(batch * kv_heads, 1, layer.length, dim).transpose(1, 2)
+    values = layer.values.reshape(batch * kv_heads, 1, layer.length, -1).transpose(1, 2)
+    out = flash_attn_with_kvcache(rows, keys, values, cache_seqlens=held.flatten(), softmax_scale=scale, causal=True)
+    return out.transpose(1, 2).reshape(batch, heads, q_len, -1)
 
 
 def has_empty(layer: LayerCache, query_positions: torch.Tensor) -> bool:
@@ -105,4 +131,13 @@ def attention_probs(
     return probs.masked_fill((query_positions == EMPTY)[:, None, :, None], 0.0)
 
 
-__all__ = ["KERNELS", "ROW_BLOCK", "attention", "attention_probs", "has_empty", "sdpa_masking", "visible"]
+__all__ = [
+    "KERNELS",
+    "ROW_BLOCK",
+    "attention",
+    "attention_probs",
+    "flash_with_seqlens",
+    "has_empty",
+    "sdpa_masking",
+    "visible",
+]
