@@ -206,6 +206,7 @@ class Settings:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     attention: str = "sdpa"  # checked against kvbench.engine.kernels.KERNELS by runner.check_kernel
+    compile: bool = False  # decode steps under torch.compile
     batch_size: int = positive(1)
     chunk_size: int = positive(1024)
     prefill_eviction: Literal["whole", "chunked"] = "whole"
