@@ -94,6 +94,7 @@ class Needs:
     kv_masked: bool = False  # results are marked: the keys are masked, not freed
     position_shift: bool | Callable[[Any], bool] = False  # RoPE positions = rank among held slots, not original
     heads_aligned: bool = False  # the keep mask is the same for every KV head (position-only rules)
+    calibration: str | None = None  # a procedure of ``kvbench.calibration`` run once on the loaded model
 
     def __post_init__(self) -> None:
         for name, allowed in (("phase", PHASES), ("budget", BUDGET_RULES)):
