@@ -10,7 +10,8 @@ the attention output of the answer tokens' queries is computed twice from the ca
 score is ||full - streaming|| / ||full|| (Frobenius, over the answer rows), averaged over its query group and
 the prompts: a head that needs its middle keys scores high. The scale is 1/sqrt(D).
 
-Cache: ``<patterns>/<model>/<key>/patterns.safetensors`` (``scores`` [L, Hkv], fp32) and ``manifest.json``
+Cache: ``<patterns>/<model>/<key>/patterns.safetensors`` (``<model>``: the policy's ``model_name``, kvbench's name of
+the model, else its name or path) (``scores`` [L, Hkv], fp32) and ``manifest.json``
 (the model's identity, the settings, kvbench's version, the date). ``key`` hashes identity and settings; the
 identity is the model's name or path, hub commit, a hash of its config and a fingerprint of its weights
 (shapes, dtype, and each tensor's sum and absolute sum to 4 significant digits). A manifest that does not match
@@ -56,7 +57,8 @@ def calibrate(
     manifest["key"] = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
     folder = None
     if store and policy.patterns is not None:
-        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(model.config.name_or_path or "model")).strip("_") or "model"
+        label = policy.model_name or model.config.name_or_path or "model"
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(label)).strip("_") or "model"
         folder = Path(policy.patterns).expanduser() / name[-80:] / manifest["key"]
         cached = load(folder, manifest, model)
         if cached is not None:

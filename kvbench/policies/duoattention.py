@@ -47,6 +47,7 @@ class DuoAttentionPolicy(Policy):
     n_sink: int = field(default=64, metadata={"min": 0})
     recent: int = field(default=256, metadata={"min": 1})
     patterns: str | None = None  # the pattern cache's folder (None: estimated in memory, not stored)
+    model_name: str | None = None  # the model's kvbench name, naming its folder in the cache (the YAML passes it)
     calibration_prompts: int = 4  # synthetic multi-passkey prompts
     calibration_tokens: int = 2048  # tokens per prompt (at most the model's context)
     calibration_passkeys: int = 5  # passkeys per prompt, spread over its depth
