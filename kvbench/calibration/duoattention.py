@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from kvbench.engine.hooks import capture
@@ -112,7 +113,7 @@ def load(folder: Path, manifest: dict[str, Any], model: torch.nn.Module) -> torc
     try:
         saved = json.loads(manifest_path.read_text())
         scores = load_file(str(tensors_path))["scores"]
-    except (OSError, ValueError, KeyError) as error:
+    except (OSError, ValueError, KeyError, SafetensorError) as error:
         print(f"[kvbench] duoattention: the patterns in {folder} cannot be read ({error}); recomputing")
         return None
     differing = sorted(k for k in ("identity", "settings", "key") if saved.get(k) != manifest[k])

@@ -144,6 +144,12 @@ def test_patterns_are_cached_as_safetensors_with_a_manifest_and_reused(tiny, tmp
     assert "do not match this run (settings); recomputing" in capsys.readouterr().out
     assert json.loads((folder / "manifest.json").read_text())["settings"]["seed"] == 0  # rewritten
 
+    (folder / "patterns.safetensors").write_bytes(b"damaged")  # unreadable: recomputed, with a note
+    fourth = build("duoattention", **settings)
+    prepare(fourth, model, tokenizer)
+    assert calls == [1, 1] and "cannot be read" in capsys.readouterr().out
+    assert torch.equal(calibration.load(folder, fourth.manifest, model), first.scores + 1)  # rewritten
+
     other = build("duoattention", **{**settings, "recent": 128})  # other settings: their own folder
     prepare(other, model, tokenizer)
     assert len(list(tmp_path.rglob("manifest.json"))) == 2
