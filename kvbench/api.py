@@ -7,12 +7,14 @@ model, so it returns the rows the CLI writes. ``generate`` compresses and decode
 from __future__ import annotations
 
 import tempfile
+from pathlib import Path
 from typing import Any
 
 import torch
 from hydra import compose, initialize_config_dir
 
 from kvbench.batching import collate
+from kvbench.calibration import prepare
 from kvbench.config import CONFIG_DIR, check_option
 from kvbench.engine import make_engine
 from kvbench.engine.generate import generate as decode
@@ -94,6 +96,7 @@ def generate(
     chosen = build(cfg.get("policy"))
     _prepare(model, tokenizer)
     chosen.bind(tokenizer)
+    prepare(chosen, model, tokenizer, Path(cfg.data_dir).expanduser())
     engine = make_engine(model, chosen, Budget.from_config(cfg.budget, None))
     device = next(model.parameters()).device
     encoded = [[tokenizer.encode(prompt, add_special_tokens=True), []] for prompt in prompts]

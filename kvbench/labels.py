@@ -2,8 +2,9 @@
 
 A name carries a mark wherever kvbench runs something its paper does not: ``corm (capped, kvbench)`` is CORM
 under a harness budget (the paper's CORM has none), ``fixed_capacity (<rule>, approximation)`` is a
-training-free stand-in for BCT's unpublished update rule, ``adakv (h2o, kvbench)`` a wrapper over a scorer its
-paper does not pair it with.
+training-free stand-in for BCT's unpublished update rule, ``duoattention (estimated patterns, approximation)``
+DuoAttention with head patterns estimated in one pass instead of learned, ``adakv (h2o, kvbench)`` a wrapper
+over a scorer its paper does not pair it with.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ def display_name(policy: str, params: dict[str, Any] | None, budgeted: bool) -> 
         return f"{policy} ({scorer}, kvbench)"
     if policy == "corm" and budgeted:
         return "corm (capped, kvbench)"
+    if policy == "duoattention":
+        return "duoattention (estimated patterns, approximation)"
     if policy == "fixed_capacity":
         return f"fixed_capacity ({params.get('rule', 'merge')}, approximation)"
     return policy

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from kvbench import models, policies
 from kvbench.batching import collate, encode, length_grouped, needle_span
+from kvbench.calibration import prepare
 from kvbench.config import check_fields, check_settings
 from kvbench.engine.engine import Engine, make_engine
 from kvbench.engine.generate import Batch, generate
@@ -154,6 +155,7 @@ class Runner:
         self.context = getattr(self.model.config, "max_position_embeddings", None) or run.context
         self.stop_ids = _eos_ids(self.model, self.tokenizer)
         run.policy.bind(self.tokenizer)
+        prepare(run.policy, self.model, self.tokenizer, run.data_dir)  # e.g. DuoAttention's head patterns
         self._warm_up()
 
     def _warm_up(self) -> None:

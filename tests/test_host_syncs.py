@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from kvbench.batching import collate
+from kvbench.calibration import prepare
 from kvbench.engine import make_engine
 from kvbench.engine.generate import generate
 from kvbench.measure import HostSyncCounter
@@ -43,6 +44,7 @@ def syncs_per_decode_step(model, tokenizer, make, budget, ids) -> float:
     for steps in STEPS:
         policy = make()
         policy.bind(tokenizer)
+        prepare(policy, model, tokenizer, store=False)
         engine = make_engine(model, policy, budget)
         batch = collate(ids, tokenizer.pad_token_id or 0, "cpu")
         with HostSyncCounter() as counter:

@@ -98,6 +98,7 @@ class Needs:
     # ``Policy.reconstruction_ids`` of each chunk are fed after the context, their rows go to ``observe``
     # (phase "reconstruct") and their own entries are dropped; 0: no such pass.
     reconstruction: int | Callable[[Any], int] = 0
+    calibration: str | None = None  # a procedure of ``kvbench.calibration`` run once on the loaded model
 
     def __post_init__(self) -> None:
         for name, allowed in (("phase", PHASES), ("budget", BUDGET_RULES)):
