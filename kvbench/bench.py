@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from kvbench.batching import collate
+from kvbench.calibration import prepare
 from kvbench.engine import make_engine
 from kvbench.engine.generate import generate, synchronize
 from kvbench.measure import HostSyncCounter
@@ -31,6 +32,7 @@ class Timing:
 def kvbench_run(model, tokenizer, policy: Policy, budget: Budget, ids: list[list[int]], new_tokens: int, device):
     """One kvbench generation of ``new_tokens`` for the batch ``ids``; returns (Generation, Engine)."""
     policy.bind(tokenizer)
+    prepare(policy, model, tokenizer)  # a calibration the policy declares (cached per model)
     engine = make_engine(model, policy, budget)
     batch = collate([[row, []] for row in ids], tokenizer.pad_token_id or 0, device)
     return generate(model, engine, batch, new_tokens, set(), chunk_size=1024), engine
@@ -74,6 +76,7 @@ def time_hf_generate(model, ids: list[list[int]], steps: int, device) -> Timing:
 
 def host_syncs_per_step(model, tokenizer, policy_factory, budget: Budget, ids, device, steps: tuple = (2, 6)) -> float:
     """Host-blocking reads per decode step: the count of a longer generation minus a shorter one, per step."""
+    kvbench_run(model, tokenizer, policy_factory(), budget, ids, 1, device)  # one-time work (calibration) uncounted
     counts = []
     for n in steps:
         with HostSyncCounter() as counter:
