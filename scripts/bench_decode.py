@@ -1,14 +1,16 @@
-"""Decode-step cost of each policy at a long context, against the full cache at the same context and at the
-same kept length; plus the ragged-cache layout comparison (padded + mask vs flattened var-len).
+"""Decode-step cost of each policy at long contexts against HF generate, prefill against HF's forward, batch 4
+against batch 1 per example, and the ragged-cache layout comparison (padded + mask vs flattened var-len).
 
     .venv/bin/python scripts/bench_decode.py --context 4096 2048 --budget 0.3 --out results/bench
 
-Every ``decode`` row has ``policy``, ``context``, ``ms_per_step``, ``kept_fraction`` and
-``host_syncs_per_step`` (counted with a TorchFunctionMode over the decode steps); ``hf_generate`` holds HF
-``model.generate``'s own decode step at the same context and at the kept length, measured in the same run.
+Every ``decode`` row has ``policy``, ``context``, ``ms_per_step``, ``kept_fraction``, ``host_syncs_per_step``
+(counted with a TorchFunctionMode over the decode steps), its ratios to HF and, for the policies issue #16 sets
+targets for, whether the target is met. ``hf_generate`` holds HF ``model.generate``'s own decode step (its
+DynamicCache) at the first context and at the kept length (``hf_generate_by_context``: every context). Within
+each repeat every measurement of a context runs one after another (interleaved); numbers are medians.
 
-Writes ``decode_step_<device>.json`` and ``.md`` under ``--out``. Numbers are medians over repeats; on CPU the
-thread count is fixed so runs compare. This is a benchmark, not a test: no thresholds.
+Writes ``decode_step_<device>.json`` and ``.md`` under ``--out``. On CPU the thread count is fixed so runs
+compare. This is a benchmark, not a test: no thresholds fail it.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from kvbench.bench import host_syncs_per_step, time_hf_generate, time_kvbench
+from kvbench.bench import host_syncs_per_step, kvbench_run, time_hf_generate, time_kvbench
 from kvbench.config import options
 from kvbench.models import load, model_spec
 from kvbench.policies import build
@@ -178,6 +180,29 @@ def measure_context(model, tokenizer, ids: list[int], names: list[str], args) ->
     return rows, hf, prefill
 
 
+def batching(model, tokenizer, ids: list[int], args) -> list[dict]:
+    """Seconds per example of a whole generation (prefill + ``steps`` new tokens) at batch 1 and at batch 4, on
+    8 prompts of two lengths (as the runner batches them: sorted by length, left-padded), interleaved per
+    repeat; full cache and SnapKV at the budget."""
+    lengths = [len(ids) // 2 + 37 * i for i in range(4)] + [len(ids) - 53 * i for i in range(4)]
+    prompts = [ids[i * 11 : i * 11 + n] for i, n in enumerate(lengths)]
+    ordered = sorted(prompts, key=len)
+    results = []
+    for name, budget in (("full", Budget()), ("snapkv", Budget("fraction", args.budget))):
+        seconds: dict[int, list[float]] = {1: [], 4: []}
+        for _ in range(args.repeats):
+            for size in (1, 4):
+                start = time.perf_counter()
+                for i in range(0, len(ordered), size):
+                    kvbench_run(model, tokenizer, build(name), budget, ordered[i : i + size], args.steps + 1, "cpu")
+                seconds[size].append((time.perf_counter() - start) / len(ordered))
+        one, four = statistics.median(seconds[1]), statistics.median(seconds[4])
+        results.append({"policy": name, "lengths": lengths, "s_per_example_batch1": one, "s_per_example_batch4": four,
+                        "ratio_batch4_over_batch1": four / one})  # fmt: skip
+        print(results[-1], flush=True)
+    return results
+
+
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--context", type=int, nargs="+", default=[4096, 2048])
@@ -210,6 +235,7 @@ def main(argv: list[str]) -> None:
         rows += context_rows
         hf_by_context.append(hf)
         prefill.append(context_prefill)
+    batched = batching(model, tokenizer, ids[: max(args.context)], args)
     group = model.config.num_attention_heads // model.config.num_key_value_heads
     dim = model.config.head_dim
     ragged = [ragged_layout(lengths, dim, group, args.repeats) for lengths in ([4096, 2048, 512], [4096, 4000, 3900])]
@@ -227,6 +253,7 @@ def main(argv: list[str]) -> None:
         "hf_generate": hf_by_context[0],
         "hf_generate_by_context": hf_by_context,
         "prefill": prefill,
+        "batching": batched,
         "ragged_layout": ragged,
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -273,6 +300,13 @@ def markdown(report: dict, args) -> str:
             f"| {row['policy']} | {row['context']} | {row['kept_fraction']:.3f} | {row['ms_per_step']:.1f} | "
             f"{row['vs_hf_same_context']:.2f}x | {row['vs_hf_at_kept_length']:.2f}x | {mark} | "
             f"{row['host_syncs_per_step']:.1f} |"
+        )
+    lines += ["", "Batching (8 prompts of two lengths, sorted by length, a whole generation each):", ""]
+    lines += ["| policy | s / example, batch 1 | s / example, batch 4 | batch 4 / batch 1 |", "|---|---|---|---|"]
+    for b in report["batching"]:
+        lines.append(
+            f"| {b['policy']} | {b['s_per_example_batch1']:.2f} | {b['s_per_example_batch4']:.2f} | "
+            f"{b['ratio_batch4_over_batch1']:.2f}x |"
         )
     lines += ["", "Ragged layout, one decode attention (one layer, 3 KV heads, GQA 3):", ""]
     lines += [
