@@ -65,6 +65,12 @@ SEMANTICS = {
     "expected_attention": "kvbench's Expected Attention evicts during decoding too (phase both); kvpress only at "
     "prefill",
 }
+# Why a decode-eviction setting may differ by more than the tolerance, per policy (None: the default).
+BEYOND = {
+    None: "explained by kvbench's decode-time eviction",
+    "expected_attention": "kvbench's decode-time eviction, and prefill selections that differ already, see below: "
+    "the two sides' query statistics and softmax key sets are not the same",
+}
 TOLERANCE = 2  # rows
 AGREE = {True: "yes", False: "no", None: "–"}  # None: no row finished
 
@@ -214,11 +220,12 @@ def verdict(summaries: list[dict[str, Any]]) -> str:
         f"±{TOLERANCE} rows" + (f"; outside: {', '.join(off)}." if off else ".")
     ]
     others = [s for s in finished if not s["equivalent"]]
-    beyond = [s["setting"] for s in others if not s["agree"]]
+    beyond = [s for s in others if not s["agree"]]
+    reasons = [f"{s['setting']} ({BEYOND.get(s['policy'], BEYOND[None])})" for s in beyond]
     lines.append(
         "Decode-eviction settings (TOVA, StreamingLLM, Knorm, Expected Attention): "
         f"{len(others) - len(beyond)} of {len(others)} agree within ±{TOLERANCE} rows"
-        + (f"; {', '.join(beyond)} differ by more, explained by kvbench's decode-time eviction." if beyond else ".")
+        + (f"; differ by more: {', '.join(reasons)}." if beyond else ".")
     )
     missing = [s["setting"] for s in summaries if not s["complete"]]
     if missing:
@@ -659,7 +666,7 @@ def kvbench_kept(model: Any, tokenizer: Any, setting: Setting, example: Any, max
     out = generate(model, engine, batch, max_new_tokens, _eos_ids(model, tokenizer))
     context = len(parts[0])
     heads = [head.tolist() for layer in engine.cache.layers for head in layer.positions[0]]
-    tail_seen = len(parts[1]) + max(0, len(out.tokens[0]) - 1)  # the last generated token never enters the cache
+    tail_seen = len(parts[1]) + out.n_decode_tokens[0]  # each decode step feeds one generated token in
     tail_held = sum(sum(context <= p < EMPTY for p in head) for head in heads) / len(heads)
     kept = [
         [sorted(p for p in head.tolist() if 0 <= p < context) for head in layer.positions[0]]

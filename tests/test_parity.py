@@ -100,6 +100,10 @@ def test_summary_counts_differing_rows_and_the_time_ratio() -> None:
     text = parity.verdict([full, snap, tova])
     assert "1 of 2 agree" in text and "outside: snapkv@0.7" in text
     assert "Unfinished settings" in text and "tova@0.5" in text
+    ea = parity.parse_setting("expected_attention@0.9")
+    beyond = parity.collect(_records(ea.name, [1, 1, 1, 0], [0, 0, 0, 0]), [ea])[0].summary(ids)
+    text = parity.verdict([beyond])
+    assert "0 of 1 agree" in text and "expected_attention@0.9 (kvbench's decode-time eviction, and prefill" in text
 
 
 def test_report_has_the_table_the_verdict_and_the_commands() -> None:
