@@ -21,23 +21,28 @@ import torch
 
 def _press(name: str | None, ratio: float) -> Any:
     """The kvpress press for a parity setting (kvpress's own defaults: SnapKV window 64, kernel 5, avg pooling;
-    StreamingLLM 4 sinks)."""
+    StreamingLLM 4 sinks; AdaKV alpha_safeguard 0.2 over that SnapKV; Expected Attention 512 future positions,
+    4 sinks, covariance and value norms)."""
     import kvpress
 
     if name is None or ratio == 0:
         return None
+    if name == "adakv":
+        return kvpress.AdaKVPress(kvpress.SnapKVPress(compression_ratio=ratio), alpha_safeguard=0.2)
     presses = {
         "snapkv": kvpress.SnapKVPress,
         "tova": kvpress.TOVAPress,
         "streaming_llm": kvpress.StreamingLLMPress,
         "knorm": kvpress.KnormPress,
+        "expected_attention": kvpress.ExpectedAttentionPress,
     }
     return presses[name](compression_ratio=ratio)
 
 
 def _kept_positions(model: Any, tokenizer: Any, press: Any, row: dict[str, Any]) -> list[list[list[int]]]:
     """Positions each (layer, KV head) keeps after kvpress's prefill compression of the row's context: the
-    compressed keys matched back to the full prefill's keys (exact equality of the stored key vectors)."""
+    compressed keys matched back to the full prefill's keys (exact equality of the stored key vectors), or, for
+    a press that masks rather than removes (AdaKV), the positions its ``masked_key_indices`` leave."""
     from transformers import DynamicCache
 
     template = tokenizer.apply_chat_template(
@@ -49,6 +54,15 @@ def _kept_positions(model: Any, tokenizer: Any, press: Any, row: dict[str, Any])
         model.model(input_ids=ids, past_key_values=full)
         with press(model):
             model.model(input_ids=ids, past_key_values=kept)
+    if hasattr(press, "alpha_safeguard"):  # AdaKVPress: every key stays, the masked ones are listed
+        out = []
+        for layer, block in enumerate(model.model.layers):
+            heads = [set(range(full.layers[layer].keys.shape[2])) for _ in range(full.layers[layer].keys.shape[1])]
+            _, head_index, seq_index = block.self_attn.masked_key_indices
+            for head, position in zip(head_index.tolist(), seq_index.tolist(), strict=True):
+                heads[head].discard(position)
+            out.append([sorted(head) for head in heads])
+        return out
     out = []
     for layer in range(len(full.layers)):
         keys, small = full.layers[layer].keys[0], kept.layers[layer].keys[0]  # [H, T, D], [H, k, D]

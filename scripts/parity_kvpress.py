@@ -2,8 +2,9 @@
 
 Both sides compress the same context (chat-template head, instruction, haystack with the needle) and append the
 same held-out part (question, template tail, answer prefix) after compression, then decode greedily. Settings:
-the full cache, and SnapKV (kvpress's window 64, kernel 5, average pooling), TOVA, StreamingLLM (4 sinks) and
-Knorm at compression 0.5/0.7/0.9 (kvbench budget 0.5/0.3/0.1). kvpress runs in its own venv (it pins
+the full cache, and SnapKV (kvpress's window 64, kernel 5, average pooling), TOVA, StreamingLLM (4 sinks), Knorm,
+AdaKV over that SnapKV (safeguard 0.2) and Expected Attention (512 future positions, 4 sinks, covariance, value
+norms) at compression 0.5/0.7/0.9 (kvbench budget 0.5/0.3/0.1). kvpress runs in its own venv (it pins
 transformers<5.3), in a persistent worker process (``scripts/kvpress_worker.py``) fed JSON; kvbench runs through
 ``kvbench.api.evaluate`` in this process. Both use one thread and are run interleaved, one depth cell at a time,
 so that their seconds per row share the machine's load.
@@ -30,15 +31,27 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 KVPRESS_VERSION = "0.5.5"
-POLICIES = ("snapkv", "tova", "streaming_llm", "knorm")
+POLICIES = ("snapkv", "tova", "streaming_llm", "knorm", "adakv", "expected_attention")
 COMPRESSIONS = (0.5, 0.7, 0.9)
+SNAPKV = {"window": 64, "kernel": 5, "pooling": "avg"}
 # kvbench parameters matching kvpress's press defaults (SnapKVPress: window_size 64, kernel_size 5, avg_pool1d;
-# StreamingLLMPress: n_sink 4). TOVA and Knorm have none.
+# StreamingLLMPress: n_sink 4; AdaKVPress: alpha_safeguard 0.2 over that SnapKVPress; ExpectedAttentionPress:
+# n_future_positions 512, n_sink 4, use_covariance, use_vnorm, epsilon 0, the statistics of all the context's
+# queries, which kvbench's window of 1024 queries covers). TOVA and Knorm have none.
 KVBENCH_PARAMS: dict[str, dict[str, Any]] = {
-    "snapkv": {"window": 64, "kernel": 5, "pooling": "avg"},
+    "snapkv": SNAPKV,
     "tova": {},
     "streaming_llm": {"n_sink": 4},
     "knorm": {},
+    "adakv": {"scorer": "snapkv", "scorer_params": SNAPKV, "alpha": 0.2},
+    "expected_attention": {
+        "window": 1024,
+        "n_future": 512,
+        "n_sink": 4,
+        "use_covariance": True,
+        "use_vnorm": True,
+        "epsilon": 0.0,
+    },
 }
 # Where the two sides' semantics differ by design (kvbench's documented choices), per policy.
 SEMANTICS = {
@@ -47,6 +60,16 @@ SEMANTICS = {
     "tova": "kvbench's TOVA evicts after every decode step (the paper's rule); kvpress compresses once, after prefill",
     "streaming_llm": "kvbench's StreamingLLM keeps evicting during decoding (sinks + recent); kvpress only at prefill",
     "knorm": "kvbench's Knorm evicts during decoding too (§3 of the paper); kvpress only at prefill",
+    "adakv": "prefill-only on both sides; kvbench evicts (memory freed), kvpress masks (fake keys, nothing freed); "
+    "kvbench's safeguard comes on top of SnapKV's window, kvpress's includes it",
+    "expected_attention": "kvbench's Expected Attention evicts during decoding too (phase both); kvpress only at "
+    "prefill",
+}
+# Why a decode-eviction setting may differ by more than the tolerance, per policy (None: the default).
+BEYOND = {
+    None: "explained by kvbench's decode-time eviction",
+    "expected_attention": "kvbench's decode-time eviction, and prefill selections that differ already, see below: "
+    "the two sides' query statistics and softmax key sets are not the same",
 }
 TOLERANCE = 2  # rows
 AGREE = {True: "yes", False: "no", None: "–"}  # None: no row finished
@@ -70,7 +93,7 @@ class Setting:
     @property
     def equivalent(self) -> bool:
         """Whether both sides implement the same rule (else a documented semantic choice separates them)."""
-        return self.policy in (None, "snapkv")
+        return self.policy in (None, "snapkv", "adakv")
 
 
 def all_settings() -> list[Setting]:
@@ -193,15 +216,16 @@ def verdict(summaries: list[dict[str, Any]]) -> str:
     equivalent = [s for s in finished if s["equivalent"]]
     off = [s["setting"] for s in equivalent if not s["agree"]]
     lines = [
-        f"Equivalent settings (full, SnapKV): {len(equivalent) - len(off)} of {len(equivalent)} agree within "
+        f"Equivalent settings (full, SnapKV, AdaKV): {len(equivalent) - len(off)} of {len(equivalent)} agree within "
         f"±{TOLERANCE} rows" + (f"; outside: {', '.join(off)}." if off else ".")
     ]
     others = [s for s in finished if not s["equivalent"]]
-    beyond = [s["setting"] for s in others if not s["agree"]]
+    beyond = [s for s in others if not s["agree"]]
+    reasons = [f"{s['setting']} ({BEYOND.get(s['policy'], BEYOND[None])})" for s in beyond]
     lines.append(
-        f"Decode-eviction settings (TOVA, StreamingLLM, Knorm): {len(others) - len(beyond)} of {len(others)} agree "
-        f"within ±{TOLERANCE} rows"
-        + (f"; {', '.join(beyond)} differ by more, explained by kvbench's decode-time eviction." if beyond else ".")
+        "Decode-eviction settings (TOVA, StreamingLLM, Knorm, Expected Attention): "
+        f"{len(others) - len(beyond)} of {len(others)} agree within ±{TOLERANCE} rows"
+        + (f"; differ by more: {', '.join(reasons)}." if beyond else ".")
     )
     missing = [s["setting"] for s in summaries if not s["complete"]]
     if missing:
@@ -260,9 +284,22 @@ def render_markdown(report: dict[str, Any]) -> str:
         "too (their papers' rule, `phase = both`; the cache is held to `floor(budget * tokens seen)` plus the "
         "held-out part after every step, so about (1 - budget) of an entry goes per generated token, and the "
         "evicted entry may be a question or answer token); kvpress compresses once, after prefill, and appends "
-        "everything after. kvbench's SnapKV is prefill-only, like kvpress's. TOVA: kvpress always keeps the last "
+        "everything after. kvbench's Expected Attention evicts during decoding too (`phase = both`, its query "
+        "statistics updated by each decode step's query); kvpress's only at prefill. kvbench's SnapKV and AdaKV are "
+        "prefill-only, like kvpress's. TOVA: kvpress always keeps the last "
         "context token (its score is padded with the maximum), kvbench scores it by its own attention column; "
-        "StreamingLLM and SnapKV keep the same windows (4 sinks + recent; the 64-token observation window).",
+        "StreamingLLM and SnapKV keep the same windows (4 sinks + recent; the 64-token observation window). "
+        "AdaKV: kvpress's AdaKVPress masks the evicted keys (a fake key per KV head whose attention underflows to "
+        "zero, written over them before each attention call after prefill), so no memory is freed; kvbench removes "
+        "them. Both share a layer's budget among its heads by a global top-k with a safeguard of alpha = 0.2 of "
+        "the per-head budget; kvpress's safeguard is the head's `int(0.2 * n_kept)` best scores, which include "
+        "SnapKV's 64-token window (scored above everything), while kvbench's comes on top of the window, so kvbench "
+        "holds each head to at least window + 0.2 x capacity (at ratio 0.9 kvpress's safeguard is the window "
+        "alone). Expected Attention: the same parameters (512 future positions, 4 sinks, covariance, value "
+        "norms, epsilon 0); kvpress takes the query statistics over all context queries after the first 4, "
+        "kvbench over its window of recent queries, set to 1024 here so that it holds all the context's queries "
+        "(the first 4 included); kvpress's softmax runs over the non-sink keys, kvbench's over all held keys, "
+        "which reweights the query heads of a KV head's group when their scores are averaged.",
         "",
         "## Why rows differ",
         "",
@@ -376,6 +413,18 @@ def kvpress_row(example: Any, max_new_tokens: int) -> dict[str, Any]:
     }
 
 
+def policy_overrides(setting: Setting) -> dict[str, Any]:
+    """kvbench config overrides for the setting's parameters (``KVBENCH_PARAMS``); a wrapper's ``scorer_params``
+    become one forced key each, as its YAML's dict is empty."""
+    overrides: dict[str, Any] = {}
+    for key, value in KVBENCH_PARAMS.get(setting.policy, {}).items():
+        if isinstance(value, dict):
+            overrides.update({f"++policy.{key}.{inner}": item for inner, item in value.items()})
+        else:
+            overrides[f"policy.{key}"] = value
+    return overrides
+
+
 def run_kvbench(model: Any, tokenizer: Any, setting: Setting, args: argparse.Namespace, depth: float, limit: int):
     """One depth cell through ``kvbench.api.evaluate``; returns its prediction records and the call's wall time."""
     from kvbench.api import evaluate
@@ -388,7 +437,7 @@ def run_kvbench(model: Any, tokenizer: Any, setting: Setting, args: argparse.Nam
         "task.depths": [depth],
         "task.n_per_cell": 3,
     }
-    overrides.update({f"policy.{key}": value for key, value in KVBENCH_PARAMS.get(setting.policy, {}).items()})
+    overrides.update(policy_overrides(setting))
     with tempfile.TemporaryDirectory() as scratch:
         start = time.perf_counter()
         evaluate(
@@ -617,7 +666,7 @@ def kvbench_kept(model: Any, tokenizer: Any, setting: Setting, example: Any, max
     out = generate(model, engine, batch, max_new_tokens, _eos_ids(model, tokenizer))
     context = len(parts[0])
     heads = [head.tolist() for layer in engine.cache.layers for head in layer.positions[0]]
-    tail_seen = len(parts[1]) + max(0, len(out.tokens[0]) - 1)  # the last generated token never enters the cache
+    tail_seen = len(parts[1]) + out.n_decode_tokens[0]  # each decode step feeds one generated token in
     tail_held = sum(sum(context <= p < EMPTY for p in head) for head in heads) / len(heads)
     kept = [
         [sorted(p for p in head.tolist() if 0 <= p < context) for head in layer.positions[0]]

@@ -21,15 +21,37 @@ sys.modules["parity_kvpress"] = parity  # dataclasses look their module up
 _spec.loader.exec_module(parity)
 
 
-def test_default_grid_is_full_plus_four_policies_at_three_ratios() -> None:
+def test_default_grid_is_full_plus_six_policies_at_three_ratios() -> None:
     args = parity.parse_args([])
     names = [s.name for s in args.settings]
-    assert names[0] == "full" and len(names) == 13
+    assert names[0] == "full" and len(names) == 19
     assert "snapkv@0.7" in names and "knorm@0.9" in names
+    assert "adakv@0.5" in names and "expected_attention@0.9" in names
     snap = parity.parse_setting("snapkv@0.7")
     assert snap.budget == 0.3 and snap.equivalent
+    assert parity.parse_setting("adakv@0.9").equivalent  # prefill-only on both sides
     assert not parity.parse_setting("tova@0.5").equivalent
+    assert not parity.parse_setting("expected_attention@0.5").equivalent  # kvbench evicts while decoding
     assert parity.Setting(None).budget is None
+
+
+@pytest.mark.parametrize(
+    ("setting", "expected"),
+    [
+        ("adakv@0.7", {"scorer": "snapkv", "scorer_params": {"window": 64, "kernel": 5, "pooling": "avg"}}),
+        ("expected_attention@0.5", {"window": 1024, "n_future": 512, "n_sink": 4, "use_covariance": True}),
+        ("snapkv@0.9", {"window": 64, "kernel": 5, "pooling": "avg"}),
+    ],
+)
+def test_policy_overrides_reach_kvbench_config(setting: str, expected: dict) -> None:
+    from omegaconf import OmegaConf
+
+    from kvbench.api import _config
+
+    parsed = parity.parse_setting(setting)
+    cfg = _config(parsed.policy, parsed.budget, "needle", parity.policy_overrides(parsed))
+    policy = OmegaConf.to_container(cfg.policy)
+    assert {key: policy[key] for key in expected} == expected
 
 
 @pytest.mark.parametrize("bad", ["h2o@0.5", "snapkv", "tova@1.5"])
@@ -78,6 +100,10 @@ def test_summary_counts_differing_rows_and_the_time_ratio() -> None:
     text = parity.verdict([full, snap, tova])
     assert "1 of 2 agree" in text and "outside: snapkv@0.7" in text
     assert "Unfinished settings" in text and "tova@0.5" in text
+    ea = parity.parse_setting("expected_attention@0.9")
+    beyond = parity.collect(_records(ea.name, [1, 1, 1, 0], [0, 0, 0, 0]), [ea])[0].summary(ids)
+    text = parity.verdict([beyond])
+    assert "0 of 1 agree" in text and "expected_attention@0.9 (kvbench's decode-time eviction, and prefill" in text
 
 
 def test_report_has_the_table_the_verdict_and_the_commands() -> None:
