@@ -208,11 +208,7 @@ class Engine:
             chosen = slice(step.queries_from, query.shape[2])
             policy.observe_queries(layer, query[:, :, chosen], step.positions[:, chosen], self.context(layer_idx, step))
         if needs.decode_rows if decode else needs.query_rows != 0:
-            ctx = self.context(layer_idx, step)
-            for start in range(step.rows_from, query.shape[2], ROW_BLOCK):
-                rows = slice(start, min(start + ROW_BLOCK, query.shape[2]))
-                probs = attention_probs(query[:, :, rows], layer, step.positions[:, rows], scale, self.group_size)
-                policy.observe(layer, probs, step.positions[:, rows], ctx)
+            self._observe_rows(layer, layer_idx, query, scale, step, step.rows_from)
         if step.evict and (not decode or needs.phase != "prefill"):
             policy.evict(layer, self.context(layer_idx, step))
             if not decode:  # the prompt's eviction: free what it emptied now (one read if the cut is data-dependent)
@@ -240,14 +236,20 @@ class Engine:
         layer.append(key, value, step.positions, padded=step.padded)
         empty = had_empty or step.padded
         out = attention(query, layer, step.positions, scale, self.group_size, self.kernel, empty=empty)
-        ctx = self.context(layer_idx, step)
-        for start in range(0, query.shape[2], ROW_BLOCK):
-            rows = slice(start, min(start + ROW_BLOCK, query.shape[2]))
-            probs = attention_probs(query[:, :, rows], layer, step.positions[:, rows], scale, self.group_size)
-            self.policy.observe(layer, probs, step.positions[:, rows], ctx)
+        self._observe_rows(layer, layer_idx, query, scale, step, 0)
         layer.drop_from(step.positions, length)
         layer.may_have_empty = had_empty  # the step's padding left with its entries
         return out.transpose(1, 2).contiguous()
+
+    def _observe_rows(
+        self, layer: LayerCache, layer_idx: int, query: torch.Tensor, scale: float, step: Step, first: int
+    ) -> None:
+        """Hand the policy the attention rows of the step's queries from ``first`` on, ``ROW_BLOCK`` at a time."""
+        ctx = self.context(layer_idx, step)
+        for start in range(first, query.shape[2], ROW_BLOCK):
+            rows = slice(start, min(start + ROW_BLOCK, query.shape[2]))
+            probs = attention_probs(query[:, :, rows], layer, step.positions[:, rows], scale, self.group_size)
+            self.policy.observe(layer, probs, step.positions[:, rows], ctx)
 
     def evict_all(self, step: Step) -> None:
         """The eviction at the end of ``step`` (a prefill step run with ``evict=False``), outside a forward pass:
