@@ -44,12 +44,22 @@ def policy_factory(name: str):
     return lambda: build(name)
 
 
+def benchmarked_policies() -> list[str]:
+    """Every policy but the full cache and those that need trained inputs (``NEEDS_PARAMS``)."""
+    return [name for name in options("policy") if name != "full" and name not in NEEDS_PARAMS]
+
+
+def policy_budget(name: str, fraction: float) -> Budget:
+    """The benchmark's budget for a policy: ``fraction`` when the policy requires one, else none."""
+    return Budget("fraction", fraction) if policy_factory(name)().needed().budget == "required" else Budget()
+
+
 def write_syncs(model, tokenizer, ids: list[int], args, argv: list[str]) -> None:
     """Host syncs per decode step of every policy on the real model (its 30 layers), to ``host_syncs_cpu.json``."""
     rows = []
-    for name in ["full", *[n for n in options("policy") if n != "full" and n not in NEEDS_PARAMS]]:
+    for name in ["full", *benchmarked_policies()]:
         make = policy_factory(name)
-        budget = Budget("fraction", args.budget) if make().needed().budget == "required" else Budget()
+        budget = policy_budget(name, args.budget)
         rows.append(
             {"policy": name, "host_syncs_per_step": host_syncs_per_step(model, tokenizer, make, budget, [ids], "cpu")}
         )
@@ -130,9 +140,8 @@ def time_hf_forward(model, ids: list[int]) -> float:
 def measure_context(model, tokenizer, ids: list[int], names: list[str], args) -> tuple[list[dict], dict, dict]:
     """Every measurement at one context, interleaved per repeat (HF, kvbench full, each policy): medians."""
     kept_len = round(args.budget * len(ids))
-    budget = Budget("fraction", args.budget)
     factories = {name: policy_factory(name) for name in names}
-    budgets = {name: budget if make().needed().budget == "required" else Budget() for name, make in factories.items()}
+    budgets = {name: policy_budget(name, args.budget) for name in names}
     samples: dict[str, list] = {key: [] for key in ("hf", "hf_kept", "hf_forward", "full", "full_kept", *names)}
     for _ in range(args.repeats):
         samples["hf"].append(time_hf_generate(model, [ids], args.steps, "cpu").decode_ms_per_step)
@@ -221,12 +230,12 @@ def main(argv: list[str]) -> None:
     if args.syncs_only:
         write_syncs(model, tokenizer, ids[:512], args, argv)
         return
-    names = args.policies or [n for n in options("policy") if n != "full" and n not in NEEDS_PARAMS]
+    names = args.policies or benchmarked_policies()
     sync_ids = [ids[:512]]  # host syncs do not depend on the context; a short prompt counts them quickly
-    syncs = {
-        name: host_syncs_per_step(model, tokenizer, policy_factory(name), _budget(name, args.budget), sync_ids, "cpu")
-        for name in ["full", *names]
-    }
+    syncs = {}
+    for name in ["full", *names]:
+        budget = policy_budget(name, args.budget)
+        syncs[name] = host_syncs_per_step(model, tokenizer, policy_factory(name), budget, sync_ids, "cpu")
     rows, hf_by_context, prefill = [], [], []
     for context in args.context:
         context_rows, hf, context_prefill = measure_context(model, tokenizer, ids[:context], names, args)
@@ -260,10 +269,6 @@ def main(argv: list[str]) -> None:
     (args.out / "decode_step_cpu.json").write_text(json.dumps(report, indent=2))
     (args.out / "decode_step_cpu.md").write_text(markdown(report, args))
     print(markdown(report, args))
-
-
-def _budget(name: str, fraction: float) -> Budget:
-    return Budget("fraction", fraction) if policy_factory(name)().needed().budget == "required" else Budget()
 
 
 def markdown(report: dict, args) -> str:
