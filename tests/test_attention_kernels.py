@@ -95,15 +95,8 @@ def _reference_flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causa
 
 @pytest.fixture
 def fake_flash_attn(monkeypatch) -> list[int]:
-    """Install a ``flash_attn`` module whose ``flash_attn_func`` is the reference above; counts its calls."""
-    calls = []
-
-    def flash_attn_func(*args, **kwargs):
-        calls.append(1)
-        return _reference_flash_attn_func(*args, **kwargs)
-
-    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(flash_attn_func=flash_attn_func))
-    return calls
+    """A stand-in ``flash_attn`` module (the references); counts ``flash_attn_func`` calls."""
+    return _install_flash(monkeypatch, "flash_attn_func")
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -145,17 +138,24 @@ def _reference_flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens, softm
 
 @pytest.fixture
 def fake_flash_kvcache(monkeypatch) -> list[int]:
-    """A ``flash_attn`` module with both entry points as their references; counts ``flash_attn_with_kvcache`` calls."""
+    """A stand-in ``flash_attn`` module (the references); counts ``flash_attn_with_kvcache`` calls."""
+    return _install_flash(monkeypatch, "flash_attn_with_kvcache")
+
+
+def _install_flash(monkeypatch, counted: str) -> list[int]:
+    """Install a ``flash_attn`` module whose entry points are the references above; returns the list that each
+    call of the ``counted`` entry point appends to."""
     calls = []
+    references = {
+        "flash_attn_func": _reference_flash_attn_func,
+        "flash_attn_with_kvcache": _reference_flash_attn_with_kvcache,
+    }
 
-    def flash_attn_with_kvcache(*args, **kwargs):
+    def counting(*args, **kwargs):
         calls.append(1)
-        return _reference_flash_attn_with_kvcache(*args, **kwargs)
+        return references[counted](*args, **kwargs)
 
-    module = types.SimpleNamespace(
-        flash_attn_func=_reference_flash_attn_func, flash_attn_with_kvcache=flash_attn_with_kvcache
-    )
-    monkeypatch.setitem(sys.modules, "flash_attn", module)
+    monkeypatch.setitem(sys.modules, "flash_attn", types.SimpleNamespace(**{**references, counted: counting}))
     return calls
 
 
